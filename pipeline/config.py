@@ -1,0 +1,240 @@
+"""The typed config tree: `pipeline.yaml`, then `--config` files, then `key.sub=value` overrides.
+
+Every section is a pydantic model with `extra="forbid"`. Stage sections live beside their stage
+(`stages/<stage>.py: Config`); this module composes them. `load_config` collects every problem
+(unknown keys, wrong types, out-of-range values) and raises one `ConfigError` listing them all,
+each naming the key, the bad value and what is valid, before anything touches Ray or MLflow.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from pipeline import shapes as dataset
+from pipeline.swd.config import SwdConfig
+from stages.teacher import Config as TeacherConfig
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CONFIG = REPO_ROOT / "pipeline.yaml"
+
+
+class ConfigError(ValueError):
+    """Every problem found in the config, one per line."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("invalid configuration:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+class TrackingConfig(Section):
+    uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else sqlite under the workdir
+    experiment: str = Field("swd-embedded", min_length=1)
+    connect_timeout_s: float = Field(20.0, gt=0, le=30)
+
+
+class RayConfig(Section):
+    address: str | None = None  # None: $RAY_ADDRESS (set by `ray job submit`), else start a local Ray
+    num_cpus: int | None = Field(None, ge=1)
+    num_gpus: int | None = Field(None, ge=0)
+    object_store_memory_gib: float | None = Field(None, gt=0)
+
+
+class GeneratorConfig(Section):
+    seed: int = 0
+    num_train_samples: int = Field(4096, ge=1)
+    num_eval_samples: int = Field(256, ge=1)
+    samples_per_shard: int = Field(512, ge=1)
+    image_side_px: int = Field(64, ge=16, le=1024)
+    shapes: list[str] = list(dataset.SHAPES)
+    colours: list[str] = list(dataset.COLOURS_RGB)
+    sizes: list[str] = list(dataset.SIZES_CELL_FRACTION)
+    backgrounds: list[str] = list(dataset.BACKGROUNDS_RGB)
+
+    @field_validator("image_side_px")
+    @classmethod
+    def _divisible(cls, v: int) -> int:
+        if v % 16:
+            raise ValueError(f"{v} must be a multiple of 16 (the VAE downsamples by 4 and SwD scales need room)")
+        return v
+
+    @field_validator("shapes", "colours", "sizes", "backgrounds")
+    @classmethod
+    def _known(cls, v: list[str], info) -> list[str]:
+        known = {
+            "shapes": dataset.SHAPES,
+            "colours": tuple(dataset.COLOURS_RGB),
+            "sizes": tuple(dataset.SIZES_CELL_FRACTION),
+            "backgrounds": tuple(dataset.BACKGROUNDS_RGB),
+        }[info.field_name]
+        unknown = [x for x in v if x not in known]
+        if unknown or not v:
+            raise ValueError(f"{v} must be a non-empty list drawn from {list(known)}")
+        if len(set(v)) != len(v):
+            raise ValueError(f"{v} has duplicates")
+        return v
+
+
+class DataConfig(Section):
+    # Local paths, globs, brace patterns ({000..009}) or pyarrow-filesystem URIs (s3://...).
+    train_shards: str | list[str] | None = None
+    eval_shards: str | list[str] | None = None
+    generator: GeneratorConfig = GeneratorConfig()
+
+
+class CacheConfig(Section):
+    """Filled by the cache stage's issue."""
+
+
+class DistillConfig(Section):
+    """Filled by the distill stage's issue."""
+
+
+class EvaluateConfig(Section):
+    """Filled by the evaluate stage's issue."""
+
+
+class RegisterConfig(Section):
+    """Filled by the register stage's issue."""
+
+
+with warnings.catch_warnings():  # `register` is also ABCMeta.register; the field wins, as intended
+    warnings.filterwarnings("ignore", message='Field name "register"')
+
+    class PipelineConfig(Section):
+        workdir: Path = Path("workdir")
+        tracking: TrackingConfig = TrackingConfig()
+        ray: RayConfig = RayConfig()
+        data: DataConfig = DataConfig()
+        teacher: TeacherConfig = TeacherConfig()
+        swd: SwdConfig = SwdConfig()
+        cache: CacheConfig = CacheConfig()
+        distill: DistillConfig = DistillConfig()
+        evaluate: EvaluateConfig = EvaluateConfig()
+        register: RegisterConfig = RegisterConfig()
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def load_config(config_files: list[str | Path] = (), overrides: list[str] = (),
+                base: str | Path | None = DEFAULT_CONFIG) -> PipelineConfig:
+    """pipeline.yaml, then each `--config` file, then `key.sub=value` overrides, validated once."""
+    problems: list[str] = []
+    merged: dict[str, Any] = {}
+    for path in ([base] if base else []) + list(config_files):
+        try:
+            layer = _read_yaml(Path(path))
+        except ConfigError as e:
+            problems += e.problems
+            continue
+        merged = _deep_merge(merged, layer)
+    for item in overrides:
+        try:
+            key, value = parse_override(item)
+        except ConfigError as e:
+            problems += e.problems
+            continue
+        _set_dotted(merged, key, value)
+    if problems:
+        raise ConfigError(problems)
+    return validate(merged)
+
+
+def validate(raw: dict[str, Any]) -> PipelineConfig:
+    try:
+        cfg = PipelineConfig.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError([_describe(err) for err in e.errors()]) from None
+    # Relative workdirs are relative to where the user runs the command, like any CLI path.
+    cfg.workdir = Path(os.path.abspath(cfg.workdir))
+    return cfg
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """`distill.num_steps=10` -> ("distill.num_steps", 10); values are YAML (numbers, lists, null)."""
+    key, sep, text = item.partition("=")
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise ConfigError([f"override {item!r}: expected key.sub=value (e.g. distill.num_steps=10)"])
+    try:
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError([f"override {item!r}: value is not valid YAML ({e.problem})"]) from None
+    return key, value
+
+
+def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a.b": 1}; lists stay values (for MLflow params and --dry-run)."""
+    if isinstance(data, BaseModel):
+        data = data.model_dump(mode="json")
+    if not isinstance(data, dict):
+        return {prefix: data}
+    out: dict[str, Any] = {}
+    for k, v in data.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        out.update(flatten(v, key) if isinstance(v, dict) else {key: v})
+    return out
+
+
+def to_yaml(cfg: PipelineConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError([f"config file {str(path)!r} does not exist"])
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError([f"config file {str(path)!r} is not valid YAML: {e}"]) from None
+    if not isinstance(data, dict):
+        raise ConfigError([f"config file {str(path)!r} must hold a mapping of sections, got {type(data).__name__}"])
+    return data
+
+
+def _deep_merge(base: dict, layer: dict) -> dict:
+    out = dict(base)
+    for k, v in layer.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _set_dotted(data: dict, key: str, value: Any) -> None:
+    *parents, leaf = key.split(".")
+    node = data
+    for part in parents:
+        if not isinstance(node.get(part), dict):
+            node[part] = {}
+        node = node[part]
+    node[leaf] = value
+
+
+def _describe(err: dict) -> str:
+    """One pydantic error -> 'key: bad value -> what is valid'."""
+    loc = [str(p) for p in err["loc"] if not str(p).startswith(("function-", "union["))]
+    key = ".".join(loc) or "(top level)"
+    if err["type"] == "extra_forbidden":
+        valid = sorted(_fields_at(loc[:-1]))
+        return f"{key}: unknown key; valid keys here: {', '.join(valid)}"
+    msg = err["msg"].removeprefix("Value error, ")
+    return f"{key}: {err.get('input')!r} is invalid: {msg}"
+
+
+def _fields_at(loc: list[str]) -> list[str]:
+    model: type[BaseModel] = PipelineConfig
+    for part in loc:
+        field = model.model_fields.get(part)
+        ann = getattr(field, "annotation", None)
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return []
+        model = ann
+    return list(model.model_fields)

@@ -1,0 +1,178 @@
+"""The stage graph and its fingerprint cache.
+
+A stage's fingerprint hashes its code version, the config sections it declares and its inputs'
+fingerprints (plus, for stages that read outside data, a digest of that data). Its output lives
+in `workdir/<stage>/<fingerprint>/` and counts as done only once `manifest.json` is there: the
+stage writes into a temporary directory, which is renamed into place, then the manifest is
+written. So a killed run never leaves something that looks finished, and rerunning the same
+command does no work twice.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any, Callable
+
+from pipeline.config import PipelineConfig
+from pipeline.context import StageContext
+
+MANIFEST = "manifest.json"
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """A stage module (VERSION, SECTIONS, OUTPUTS, run; optional external_fingerprint) and the
+    stages whose outputs it reads."""
+
+    name: str
+    module: ModuleType
+    inputs: tuple[str, ...] = ()
+
+
+def default_stages() -> list[StageSpec]:
+    from stages import shards, teacher
+
+    return [
+        StageSpec("shards", shards),
+        StageSpec("teacher", teacher, inputs=("shards",)),
+    ]
+
+
+@dataclass
+class PlannedStage:
+    spec: StageSpec
+    fingerprint: str
+    output_dir: Path
+    cached: bool
+    action: str  # "run" | "cached" | "excluded"
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+
+class PlanError(ValueError):
+    pass
+
+
+def plan(cfg: PipelineConfig, stages: list[StageSpec], only: set[str] = frozenset(),
+         force: set[str] = frozenset()) -> list[PlannedStage]:
+    """Fingerprint every stage in order and decide what runs. `only` restricts the run to the
+    named stages (their inputs must already be committed); `force` re-runs named stages."""
+    names = [s.name for s in stages]
+    unknown = sorted((set(only) | set(force)) - set(names))
+    if unknown:
+        raise PlanError(f"unknown stage(s) {', '.join(unknown)}; stages are: {', '.join(names)}")
+    fingerprints: dict[str, str] = {}
+    planned: list[PlannedStage] = []
+    for spec in stages:
+        fp = fingerprint(spec, cfg, {i: fingerprints[i] for i in spec.inputs})
+        fingerprints[spec.name] = fp
+        out = stage_dir(cfg.workdir, spec.name) / fp
+        cached = (out / MANIFEST).is_file()
+        if only and spec.name not in only:
+            action = "cached" if cached else "excluded"
+        elif cached and spec.name not in force:
+            action = "cached"
+        else:
+            action = "run"
+        planned.append(PlannedStage(spec, fp, out, cached, action))
+    by_name = {p.name: p for p in planned}
+    for p in planned:
+        if p.action != "run":
+            continue
+        missing = [i for i in p.spec.inputs if by_name[i].action == "excluded"]
+        if missing:
+            raise PlanError(f"stage {p.name} needs the output of {', '.join(missing)}, which is not "
+                            f"committed for this config; add it to --only or drop --only")
+    return planned
+
+
+def fingerprint(spec: StageSpec, cfg: PipelineConfig, input_fingerprints: dict[str, str]) -> str:
+    sections = {s: getattr(cfg, s).model_dump(mode="json") for s in spec.module.SECTIONS}
+    external = getattr(spec.module, "external_fingerprint", None)
+    payload = {
+        "stage": spec.name,
+        "version": spec.module.VERSION,
+        "sections": sections,
+        "inputs": input_fingerprints,
+        "external": external({s: getattr(cfg, s) for s in spec.module.SECTIONS}) if external else None,
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def stage_dir(workdir: Path, name: str) -> Path:
+    return Path(workdir) / name
+
+
+def read_manifest(output_dir: Path) -> dict[str, Any]:
+    return json.loads((output_dir / MANIFEST).read_text())
+
+
+def execute_stage(p: PlannedStage, cfg: PipelineConfig, inputs: dict[str, Path], tracking_uri: str,
+                  run_id: str, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run one stage into a temporary directory and commit it: rename, then manifest."""
+    root = stage_dir(cfg.workdir, p.name)
+    root.mkdir(parents=True, exist_ok=True)
+    for stale in root.glob(f".tmp-{p.fingerprint}-*"):  # left by a killed run
+        shutil.rmtree(stale, ignore_errors=True)
+    if p.output_dir.exists():  # renamed but no manifest (killed mid-commit) or forced re-run
+        shutil.rmtree(p.output_dir)
+    tmp = root / f".tmp-{p.fingerprint}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    scratch = root / f".scratch-{p.fingerprint}"
+    scratch.mkdir(exist_ok=True)
+    shared = root / "shared"
+    shared.mkdir(exist_ok=True)
+    sections = {s: getattr(cfg, s) for s in p.spec.module.SECTIONS}
+    ctx = StageContext(
+        name=p.name, config=sections[p.spec.module.SECTIONS[0]], sections=sections, inputs=inputs,
+        output_dir=tmp, scratch_dir=scratch, shared_dir=shared, tracking_uri=tracking_uri,
+        run_id=run_id, fingerprint=p.fingerprint,
+    )
+    start = time.monotonic()
+    try:
+        p.spec.module.run(ctx)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # scratch stays: the next run resumes from it
+        raise
+    missing = [o for o in getattr(p.spec.module, "OUTPUTS", ()) if not (tmp / o).exists()]
+    if missing:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise RuntimeError(f"stage {p.name} finished without writing its declared outputs: {', '.join(missing)}")
+    os.rename(tmp, p.output_dir)
+    manifest = {
+        "stage": p.name,
+        "fingerprint": p.fingerprint,
+        "version": p.spec.module.VERSION,
+        "run_id": run_id,
+        "inputs": {name: str(path) for name, path in inputs.items()},
+        "sections": {s: m.model_dump(mode="json") for s, m in sections.items()},
+        "summary": ctx.summary,
+        "wall_s": round(time.monotonic() - start, 3),
+        "committed_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    part = p.output_dir / (MANIFEST + ".part")
+    part.write_text(json.dumps(manifest, indent=2, default=str))
+    os.replace(part, p.output_dir / MANIFEST)
+    if not ctx.keep_scratch:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return manifest
+
+
+def describe_plan(planned: list[PlannedStage]) -> str:
+    width = max(len(p.name) for p in planned)
+    lines = []
+    for p in planned:
+        what = {"run": "would run" if not p.cached else "would re-run (forced)",
+                "cached": "cached", "excluded": "not run (--only)"}[p.action]
+        lines.append(f"  {p.name:<{width}}  {p.fingerprint}  {what:<22} {p.output_dir}")
+    return "\n".join(lines)

@@ -1,0 +1,171 @@
+"""Entry point: `python pipeline/run.py [--config FILE ...] [--dry-run] [--only STAGES]
+[--force STAGES] [key.sub=value ...]`.
+
+Steps: load and validate the config (all problems at once, exit 2) -> check the environment
+(shards, workdir; exit 2) -> plan the stage graph -> (--dry-run: print config and plan, stop) ->
+check MLflow is reachable (exit 3) -> join or start Ray -> run each stage under one MLflow parent
+run, skipping stages whose fingerprint is already committed.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+if __name__ == "__main__":  # run as a script: import the project, not sibling modules by name
+    _here = Path(__file__).resolve().parent
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _here]
+    sys.path.insert(0, str(_here.parent))
+
+import argparse
+import os
+import time
+import traceback
+
+from pipeline import config as config_mod
+from pipeline import graph, tracking
+from pipeline.config import REPO_ROOT, ConfigError, PipelineConfig
+from pipeline.data import ShardError, expand_shards
+
+EXIT_CONFIG = 2
+EXIT_TRACKING = 3
+EXIT_STAGE_FAILED = 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = _parse_args(argv)
+    stages = graph.default_stages()
+    try:
+        cfg = config_mod.load_config(args.config, args.overrides)
+        check_environment(cfg)
+        planned = graph.plan(cfg, stages, only=_names(args.only), force=_names(args.force))
+    except (ConfigError, graph.PlanError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+
+    if args.dry_run:
+        print("# resolved config")
+        print(config_mod.to_yaml(cfg))
+        print("# stage plan (workdir: %s)" % cfg.workdir)
+        print(graph.describe_plan(planned))
+        return 0
+
+    uri = tracking.tracking_uri(cfg)
+    try:
+        tracking.check_reachable(uri, cfg.tracking.connect_timeout_s)
+    except tracking.TrackingError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_TRACKING
+
+    init_ray(cfg)
+    return run_stages(cfg, planned, uri, argv)
+
+
+def run_stages(cfg: PipelineConfig, planned: list[graph.PlannedStage], uri: str, argv: list[str]) -> int:
+    mlc = tracking.client(uri)
+    exp_id = tracking.ensure_experiment(mlc, cfg.tracking.experiment, tracking.artifact_location(cfg, uri))
+    parent = tracking.start_parent_run(mlc, exp_id, cfg, argv, [p.name for p in planned])
+    print(f"[pipeline] MLflow run {parent} (experiment {cfg.tracking.experiment!r}, {uri})", flush=True)
+    outputs: dict[str, Path] = {}
+    start = time.monotonic()
+    for p in planned:
+        if p.action == "excluded":
+            print(f"[pipeline] {p.name}: not run (--only)", flush=True)
+            continue
+        inputs = {i: outputs[i] for i in p.spec.inputs}
+        params = config_mod.flatten({s: getattr(cfg, s) for s in p.spec.module.SECTIONS})
+        if p.action == "cached":
+            manifest = graph.read_manifest(p.output_dir)
+            run_id = tracking.start_stage_run(mlc, exp_id, parent, p.name, p.fingerprint, params,
+                                              cache_hit_of={**manifest, "output_dir": str(p.output_dir)})
+            tracking.finish(mlc, run_id, "FINISHED")
+            print(f"[pipeline] {p.name}: cached ({p.fingerprint}, produced by run {manifest.get('run_id')})", flush=True)
+            outputs[p.name] = p.output_dir
+            continue
+        run_id = tracking.start_stage_run(mlc, exp_id, parent, p.name, p.fingerprint, params)
+        print(f"[pipeline] {p.name}: running ({p.fingerprint}) -> {p.output_dir}", flush=True)
+        try:
+            manifest = graph.execute_stage(p, cfg, inputs, uri, run_id)
+        except BaseException as e:
+            status = "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED"
+            tracking.finish(mlc, run_id, status)
+            tracking.finish(mlc, parent, status)
+            if isinstance(e, KeyboardInterrupt):
+                raise
+            traceback.print_exc()
+            print(f"error: stage {p.name} failed: {e}", file=sys.stderr)
+            return EXIT_STAGE_FAILED
+        mlc.log_metric(run_id, "stage_wall_s", manifest["wall_s"])
+        tracking.finish(mlc, run_id, "FINISHED")
+        print(f"[pipeline] {p.name}: done in {manifest['wall_s']:.1f} s", flush=True)
+        outputs[p.name] = p.output_dir
+    mlc.log_metric(parent, "pipeline_wall_s", time.monotonic() - start)
+    tracking.finish(mlc, parent, "FINISHED")
+    print(f"[pipeline] finished in {time.monotonic() - start:.1f} s; MLflow run {parent}", flush=True)
+    return 0
+
+
+def check_environment(cfg: PipelineConfig) -> None:
+    """Problems that need the filesystem, collected together: shards and the workdir."""
+    problems: list[str] = []
+    given = {s: getattr(cfg.data, f"{s}_shards") for s in ("train", "eval")}
+    if (given["train"] is None) != (given["eval"] is None):
+        problems.append("data.train_shards / data.eval_shards: give both or neither (generated eval "
+                        "prompts would not match your training data)")
+    for split, spec in given.items():
+        if spec is not None:
+            try:
+                expand_shards(spec, f"data.{split}_shards")
+            except (ShardError, OSError) as e:
+                problems.append(str(e))
+    try:
+        cfg.workdir.mkdir(parents=True, exist_ok=True)
+        probe = cfg.workdir / f".write-probe-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        problems.append(f"workdir: {str(cfg.workdir)!r} is not writable ({e.strerror}); choose another with workdir=PATH")
+    if problems:
+        raise ConfigError(problems)
+
+
+def init_ray(cfg: PipelineConfig) -> None:
+    """Join the configured or `ray job submit` cluster, else start a fresh local one (never the
+    stale cluster a killed run may have left in /tmp/ray)."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    # Workers import the project from the repo root (a `--working-dir` upload already does this).
+    env = {"env_vars": {"PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}}
+    if address:
+        ray.init(address=address, runtime_env=None if "RAY_JOB_ID" in os.environ else env)
+        return
+    gib = 1024 ** 3
+    ray.init(address="local", num_cpus=cfg.ray.num_cpus, num_gpus=cfg.ray.num_gpus,
+             object_store_memory=int(cfg.ray.object_store_memory_gib * gib) if cfg.ray.object_store_memory_gib else None,
+             include_dashboard=False, runtime_env=env, log_to_driver=True)
+
+
+def _names(values: list[str]) -> set[str]:
+    return {n.strip() for v in values for n in v.split(",") if n.strip()}
+
+
+def _parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="pipeline/run.py", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", action="append", default=[], metavar="FILE",
+                        help="YAML layered on top of pipeline.yaml (repeatable; later wins)")
+    parser.add_argument("--dry-run", action="store_true", help="print the resolved config and stage plan, do nothing")
+    parser.add_argument("--only", action="append", default=[], metavar="STAGES",
+                        help="comma-separated stages to run (their inputs must be committed)")
+    parser.add_argument("--force", action="append", default=[], metavar="STAGES",
+                        help="comma-separated stages to re-run even if cached")
+    parser.add_argument("overrides", nargs="*", metavar="key.sub=value",
+                        help="config overrides; values are YAML (10, 1e-4, [64,80], null)")
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
