@@ -9,6 +9,7 @@ each naming the key, the bad value and what is valid, before anything touches Ra
 from __future__ import annotations
 
 import os
+import re
 import warnings
 from pathlib import Path
 from typing import Any
@@ -154,7 +155,7 @@ def validate(raw: dict[str, Any]) -> PipelineConfig:
     try:
         cfg = PipelineConfig.model_validate(raw)
     except ValidationError as e:
-        raise ConfigError([_describe(err) for err in e.errors()]) from None
+        raise ConfigError(_describe_all(e.errors())) from None
     # Relative workdirs are relative to where the user runs the command, like any CLI path.
     cfg.workdir = Path(os.path.abspath(cfg.workdir))
     return cfg
@@ -167,6 +168,9 @@ def parse_override(item: str) -> tuple[str, Any]:
         raise ConfigError([f"override {item!r}: expected key.sub=value (e.g. distill.num_steps=10)"])
     try:
         value = yaml.safe_load(text) if text.strip() else ""
+        if isinstance(value, str):  # YAML 1.1 reads 1e-4 as a string; a CLI user means the number
+            if re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+", value):
+                value = float(value)
     except yaml.YAMLError as e:
         raise ConfigError([f"override {item!r}: value is not valid YAML ({e.problem})"]) from None
     return key, value
@@ -218,15 +222,36 @@ def _set_dotted(data: dict, key: str, value: Any) -> None:
     node[leaf] = value
 
 
-def _describe(err: dict) -> str:
-    """One pydantic error -> 'key: bad value -> what is valid'."""
-    loc = [str(p) for p in err["loc"] if not str(p).startswith(("function-", "union["))]
-    key = ".".join(loc) or "(top level)"
-    if err["type"] == "extra_forbidden":
-        valid = sorted(_fields_at(loc[:-1]))
-        return f"{key}: unknown key; valid keys here: {', '.join(valid)}"
-    msg = err["msg"].removeprefix("Value error, ")
-    return f"{key}: {err.get('input')!r} is invalid: {msg}"
+def _describe_all(errors: list[dict]) -> list[str]:
+    """pydantic errors -> one 'key: bad value is invalid: what is valid' line per key."""
+    by_key: dict[str, list[dict]] = {}
+    for err in errors:
+        by_key.setdefault(".".join(_field_path(err)) or "(top level)", []).append(err)
+    lines = []
+    for key, errs in by_key.items():
+        if errs[0]["type"] == "extra_forbidden":
+            valid = sorted(_fields_at(key.split(".")[:-1]))
+            lines.append(f"{key}: unknown key; valid keys here: {', '.join(valid)}")
+            continue
+        # A union (e.g. str | list[str]) reports one error per member: say them as alternatives.
+        msgs = list(dict.fromkeys(e["msg"].removeprefix("Value error, ") for e in errs))
+        lines.append(f"{key}: {errs[0].get('input')!r} is invalid: {' or '.join(msgs)}")
+    return lines
+
+
+def _field_path(err: dict) -> list[str]:
+    """The config key of an error: field names and list indexes, without pydantic's
+    union-member tags ('str', 'list[str]') and validator tags."""
+    path: list[str] = []
+    model: type[BaseModel] | None = PipelineConfig
+    loc = err["loc"]
+    for i, part in enumerate(loc):
+        unknown_key = err["type"] == "extra_forbidden" and i == len(loc) - 1
+        if isinstance(part, int) or unknown_key or (model and part in model.model_fields):
+            path.append(str(part))
+            ann = getattr(model.model_fields.get(part), "annotation", None) if model and isinstance(part, str) else None
+            model = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+    return path
 
 
 def _fields_at(loc: list[str]) -> list[str]:

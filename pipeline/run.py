@@ -58,7 +58,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_TRACKING
 
-    init_ray(cfg)
+    if any(p.action == "run" for p in planned):  # a fully cached rerun needs no Ray
+        init_ray(cfg)
     return run_stages(cfg, planned, uri, argv)
 
 

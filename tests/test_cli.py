@@ -1,0 +1,94 @@
+"""`python pipeline/run.py` as a user runs it: dry run, and bad input refused before any work."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import REPO_ROOT, SMALL_DATA
+
+
+def run_cli(*args: str, cwd=None, timeout=120) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS")}
+    return subprocess.run([sys.executable, str(REPO_ROOT / "pipeline" / "run.py"), *args],
+                          capture_output=True, text=True, cwd=cwd, timeout=timeout, env=env)
+
+
+def test_dry_run_prints_config_and_plan_and_touches_nothing(workdir):
+    out = run_cli("--dry-run", f"workdir={workdir}", "data.generator.seed=7", *SMALL_DATA)
+    assert out.returncode == 0, out.stderr
+    assert "# resolved config" in out.stdout
+    assert "seed: 7" in out.stdout
+    assert "# stage plan" in out.stdout
+    for stage in ("shards", "teacher"):
+        assert f"  {stage}" in out.stdout
+    assert "would run" in out.stdout
+    # nothing ran: no MLflow store, no stage output
+    assert not (workdir / "mlflow.db").exists()
+    assert not (workdir / "shards").exists()
+
+
+def test_bad_config_exits_2_with_every_problem_before_any_work(workdir):
+    start = time.monotonic()
+    out = run_cli(f"workdir={workdir}", "bogus=1", "data.generator.seed=abc", "ray.num_cpus=0")
+    assert out.returncode == 2
+    for text in ("bogus: unknown key", "data.generator.seed: 'abc' is invalid", "ray.num_cpus: 0 is invalid"):
+        assert text in out.stderr
+    assert "Started a local Ray" not in out.stderr
+    assert not (workdir / "mlflow.db").exists()
+    assert time.monotonic() - start < 60
+
+
+def test_missing_shards_list_what_was_looked_for(tmp_path, workdir):
+    out = run_cli(f"workdir={workdir}", f"data.train_shards={tmp_path}/train-{{000..002}}.tar",
+                  f"data.eval_shards={tmp_path}/nothing-*.tar")
+    assert out.returncode == 2
+    assert "data.train_shards: no shard found for" in out.stderr
+    assert f"{tmp_path}/train-000.tar" in out.stderr  # what was looked for
+    assert "data.eval_shards: no shard found for" in out.stderr
+
+
+def test_only_one_of_train_and_eval_shards(tmp_path, workdir):
+    shard = tmp_path / "a.tar"
+    shard.write_bytes(b"x" * 10)
+    out = run_cli(f"workdir={workdir}", f"data.train_shards={shard}")
+    assert out.returncode == 2
+    assert "give both or neither" in out.stderr
+
+
+def test_unwritable_workdir(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    out = run_cli(f"workdir={blocker}/sub")
+    assert out.returncode == 2
+    assert "workdir:" in out.stderr and "is not writable" in out.stderr
+
+
+def test_unknown_stage_in_only(workdir):
+    out = run_cli("--dry-run", f"workdir={workdir}", "--only", "shards,nope")
+    assert out.returncode == 2
+    assert "unknown stage(s) nope; stages are: shards, teacher" in out.stderr
+
+
+@pytest.mark.parametrize("server", ["refusing", "silent"])
+def test_unreachable_tracking_server_fails_fast(workdir, server):
+    """A closed port is refused at once; a port that accepts and never answers hits the timeout."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+        if server == "silent":
+            sock.listen(8)
+        else:
+            sock.close()
+        start = time.monotonic()
+        out = run_cli(f"workdir={workdir}", f"tracking.uri=http://127.0.0.1:{port}",
+                      "tracking.connect_timeout_s=3", *SMALL_DATA)
+    assert out.returncode == 3
+    assert f"MLflow tracking server http://127.0.0.1:{port} cannot be reached" in out.stderr
+    assert time.monotonic() - start < 30
+    assert not (workdir / "shards").exists()
