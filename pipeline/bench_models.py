@@ -2,7 +2,8 @@
 
 `SD35_MEDIUM` is the transformer config of stabilityai/stable-diffusion-3.5-medium (MMDiT-X:
 24 joint blocks, dual attention in blocks 0..12, 24 heads x 64, RMS qk-norm); `TINY` is the
-embedded-default teacher shape (latent 16x16x4, patch 2, 4 blocks, 4 heads x 32).
+embedded-default teacher shape (latent 16x16x4, patch 2, 4 blocks, 4 heads x 32); `TEST` is
+smaller still, for unit tests.
 """
 
 from __future__ import annotations
@@ -39,10 +40,27 @@ TINY: dict = {
     "qk_norm": "rms_norm",
 }
 
-MODELS = {"sd35-medium": SD35_MEDIUM, "tiny": TINY}
+# Smallest useful shape, for unit tests (latent sides up to 8, patch 2, 3 blocks, 2 heads x 8).
+TEST: dict = {
+    "sample_size": 8,
+    "patch_size": 2,
+    "in_channels": 4,
+    "out_channels": 4,
+    "num_layers": 3,
+    "attention_head_dim": 8,
+    "num_attention_heads": 2,
+    "joint_attention_dim": 16,
+    "caption_projection_dim": 16,
+    "pooled_projection_dim": 8,
+    "pos_embed_max_size": 8,
+    "dual_attention_layers": [0],
+    "qk_norm": "rms_norm",
+}
+
+MODELS = {"sd35-medium": SD35_MEDIUM, "tiny": TINY, "test": TEST}
 
 # Text-sequence length the embeddings get in benchmarks (SD3: 77 CLIP + 256 T5 tokens).
-TEXT_TOKENS = {"sd35-medium": 333, "tiny": 16}
+TEXT_TOKENS = {"sd35-medium": 333, "tiny": 16, "test": 5}
 
 
 def build_transformer(name_or_config: str | dict = "tiny", *, seed: int = 0, dtype=None, device=None):
@@ -59,3 +77,17 @@ def build_transformer(name_or_config: str | dict = "tiny", *, seed: int = 0, dty
     if dtype is not None:
         model = model.to(dtype=dtype)
     return model
+
+
+def random_text_cond(name_or_config: str | dict, batch_size: int, *, seed: int = 0, num_tokens: int | None = None,
+                     dtype=None, device=None):
+    """Random (prompt_embeds [B, L, joint_attention_dim], pooled [B, pooled_projection_dim]) of the
+    model's shapes: stands in for the text encoders in benchmarks and tests."""
+    import torch
+
+    config = MODELS[name_or_config] if isinstance(name_or_config, str) else name_or_config
+    tokens = num_tokens or (TEXT_TOKENS.get(name_or_config, 8) if isinstance(name_or_config, str) else 8)
+    g = torch.Generator().manual_seed(seed)
+    embeds = torch.randn(batch_size, tokens, config["joint_attention_dim"], generator=g)
+    pooled = torch.randn(batch_size, config["pooled_projection_dim"], generator=g)
+    return embeds.to(device=device, dtype=dtype), pooled.to(device=device, dtype=dtype)

@@ -28,17 +28,23 @@ STUDENT_ADAPTER = "student"
 FAKE_ADAPTER = "fake"
 
 
-def add_lora(transformer, rank: int, alpha: float, target_modules: list[str], adapter_name: str) -> list[nn.Parameter]:
-    """Freeze the transformer and add a LoRA adapter (A random, B zero); returns the adapter's parameters."""
+def add_lora(transformer, rank: int, alpha: float, target_modules: list[str], adapter_name: str,
+             key: str = "target_modules") -> list[nn.Parameter]:
+    """Freeze the transformer and add a LoRA adapter (A random, B zero) through diffusers' PEFT
+    integration; returns the adapter's parameters. `key` names the config key in errors."""
     from peft import LoraConfig  # peft is needed only by the training-side networks
 
     transformer.requires_grad_(False)
-    transformer.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(target_modules),
-                                       init_lora_weights=True), adapter_name=adapter_name)
+    problem = f"{key}: {list(target_modules)} matched no layer of the transformer; valid: suffixes of its " \
+              "Linear layers' names, e.g. 'to_q', 'to_out.0', 'ff.net.2'"
+    try:
+        transformer.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(target_modules),
+                                           init_lora_weights=True), adapter_name=adapter_name)
+    except ValueError as e:
+        raise ValueError(f"{problem} ({e})") from None
     params = [p for n, p in transformer.named_parameters() if f".{adapter_name}." in n]
     if not params:
-        raise ValueError(f"target_modules: {list(target_modules)} matched no layer of the transformer; "
-                         "valid: suffixes of its Linear layers' names, e.g. 'to_q', 'ff.net.2'")
+        raise ValueError(problem)
     for p in params:
         p.requires_grad_(True)
     return params
@@ -114,7 +120,8 @@ def build_student(transformer, cfg: StudentConfig) -> tuple[nn.Module, nn.Module
     if cfg.full_finetune:
         teacher = copy.deepcopy(transformer).requires_grad_(False).eval()
         return transformer.requires_grad_(True), teacher
-    add_lora(transformer, cfg.lora_rank, cfg.lora_alpha, cfg.target_modules, STUDENT_ADAPTER)
+    add_lora(transformer, cfg.lora_rank, cfg.lora_alpha, cfg.target_modules, STUDENT_ADAPTER,
+             key="swd.student.target_modules")
     return transformer, None
 
 
@@ -122,7 +129,8 @@ def build_fake(teacher_transformer, cfg: FakeConfig, feature_block: int,
                stop_at_feature_block: bool = False) -> FakeScore:
     """F: a copy of the teacher with its own LoRA, plus the GAN head (trainable)."""
     transformer = copy.deepcopy(teacher_transformer)
-    add_lora(transformer, cfg.lora_rank, cfg.lora_alpha, cfg.target_modules, FAKE_ADAPTER)
+    add_lora(transformer, cfg.lora_rank, cfg.lora_alpha, cfg.target_modules, FAKE_ADAPTER,
+             key="swd.fake.target_modules")
     return FakeScore(transformer, feature_block, cfg.gan_head_num_layers, stop_at_feature_block)
 
 
