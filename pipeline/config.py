@@ -185,7 +185,7 @@ def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in data.items():
         key = f"{prefix}.{k}" if prefix else str(k)
-        out.update(flatten(v, key) if isinstance(v, dict) else {key: v})
+        out.update(flatten(v, key) if isinstance(v, (dict, BaseModel)) else {key: v})
     return out
 
 
