@@ -30,7 +30,7 @@ BACKGROUNDS_RGB: dict[str, tuple[int, int, int]] = {
 }
 SHAPES = ("circle", "square", "triangle")
 # Half-extent of the shape as a fraction of one grid cell.
-SIZES_CELL_FRACTION: dict[str, float] = {"small": 0.26, "large": 0.38}
+SIZES_CELL_FRACTION: dict[str, float] = {"small": 0.28, "large": 0.40}
 # Grid cell (row, col) -> words; the 3x3 grid of the prompts.
 POSITIONS: dict[tuple[int, int], str] = {
     (0, 0): "top left", (0, 1): "top", (0, 2): "top right",
@@ -82,8 +82,8 @@ def render(attrs: Attributes, rng: random.Random, side_px: int = 64) -> Image.Im
     cell = side_px / 3
     row, col = next(rc for rc, name in POSITIONS.items() if name == attrs.position)
     half = SIZES_CELL_FRACTION[attrs.size] * cell * rng.uniform(0.9, 1.1)
-    cx = (col + 0.5) * cell + rng.uniform(-0.12, 0.12) * cell
-    cy = (row + 0.5) * cell + rng.uniform(-0.12, 0.12) * cell
+    cx = (col + 0.5) * cell + rng.uniform(-0.1, 0.1) * cell
+    cy = (row + 0.5) * cell + rng.uniform(-0.1, 0.1) * cell
     bg = tuple(max(0, min(255, c + rng.randint(-8, 8))) for c in BACKGROUNDS_RGB[attrs.background])
     fg = tuple(max(0, min(255, c + rng.randint(-15, 15))) for c in COLOURS_RGB[attrs.colour])
     image = Image.new("RGB", (side_px, side_px), bg)
