@@ -1,0 +1,111 @@
+"""The `teacher` stage: trains a tiny bundle on tiny shards, or records a pretrained teacher."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from pipeline import shapes, teacher, tiny
+from pipeline.context import StageContext
+from stages import teacher as stage
+
+TINY_BUDGET = dict(vae_num_steps=3, vae_batch_size=4, num_steps=4, batch_size=4, warmup_steps=1,
+                   log_every_steps=2, checkpoint_every_steps=2, sample_num_steps=2, grid_prompts=2,
+                   grid_samples_per_prompt=2, eval_num_prompts=4, num_layers=1)
+
+
+def _shards(root: Path, counts=(("train", 24), ("eval", 8))) -> Path:
+    import webdataset as wds
+
+    listing = {}
+    for split, count in counts:
+        (root / split).mkdir(parents=True)
+        rel = f"{split}/{split}-000000.tar"
+        with wds.TarWriter(str(root / rel)) as sink:
+            for i in range(count):
+                sink.write(shapes.make_sample(0, split, i, 64, shapes.SHAPES, ["red", "blue"], ["large"], ["black"]))
+        listing[split] = [{"url": rel}]
+    (root / "shards.json").write_text(json.dumps(listing))
+    return root
+
+
+def _context(tmp_path: Path, cfg: stage.Config, shards: Path | None = None) -> StageContext:
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = mlflow.MlflowClient(uri)
+    exp = client.create_experiment("t", artifact_location=str(tmp_path / "artifacts"))
+    run = client.create_run(exp)
+    for d in ("out", "scratch", "shared"):
+        (tmp_path / d).mkdir()
+    return StageContext(name="teacher", config=cfg, sections={"teacher": cfg},
+                        inputs={"shards": shards or tmp_path / "no-shards"}, output_dir=tmp_path / "out",
+                        scratch_dir=tmp_path / "scratch", shared_dir=tmp_path / "shared", tracking_uri=uri,
+                        run_id=run.info.run_id, fingerprint="test")
+
+
+def test_stage_trains_a_bundle_on_a_tiny_budget(tmp_path, ray_local):
+    import mlflow
+
+    ctx = _context(tmp_path, stage.Config(**TINY_BUDGET), _shards(tmp_path / "shards"))
+    stage.run(ctx)
+    for name in stage.OUTPUTS:
+        assert (ctx.output_dir / name).exists(), name
+    record = json.loads((ctx.output_dir / stage.TEACHER_FILE).read_text())
+    assert record["source"] == "trained" and record["steps"] == 4 and record["vae_steps"] == 3
+    assert set(record["oracle"]) >= {"colour", "position", "shape", "all_three", "all"}
+    b = teacher.load_bundle(teacher.bundle_location(ctx.output_dir))
+    assert b.max_sequence_length == 0 and b.shift_factor == pytest.approx(record["vae_shift_factor"])
+    client = mlflow.MlflowClient(ctx.tracking_uri)
+    assert [m.step for m in client.get_metric_history(ctx.run_id, "loss")] == [2, 4]
+    assert [m.step for m in client.get_metric_history(ctx.run_id, "vae_mse")] == [2, 3]
+    assert client.get_metric_history(ctx.run_id, "oracle_all_three")
+    assert {a.path for a in client.list_artifacts(ctx.run_id)} >= {stage.GRID_FILE, stage.TEACHER_FILE}
+    assert ctx.summary["source"] == "trained" and "oracle_all_three" in ctx.summary
+    # A rerun into the same scratch resumes: the VAE and the transformer checkpoint are reused.
+    assert (ctx.scratch_dir / "vae.safetensors").is_file() and (ctx.scratch_dir / "flow.safetensors").is_file()
+
+
+def test_checkpoint_round_trip_restores_weights_ema_and_optimizer(tmp_path):
+    import torch
+
+    def fresh():
+        m = torch.nn.Linear(3, 2)
+        opt = torch.optim.AdamW(m.parameters(), lr=0.1)
+        return m, opt
+
+    m, opt = fresh()
+    m(torch.ones(1, 3)).sum().backward()
+    opt.step()
+    ema = [p.detach().clone() + 1 for p in m.parameters()]
+    stage._save_checkpoint(tmp_path / "c.safetensors", {"m": m}, ema, opt, 7)
+    m2, opt2 = fresh()
+    ema2 = [torch.zeros_like(e) for e in ema]
+    assert stage._load_checkpoint(tmp_path / "c.safetensors", {"m": m2}, ema2, opt2) == 7
+    assert all(torch.equal(a, b) for a, b in zip(m.parameters(), m2.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(ema, ema2))
+    assert torch.equal(opt.state_dict()["state"][0]["exp_avg"], opt2.state_dict()["state"][0]["exp_avg"])
+    assert stage._load_checkpoint(tmp_path / "none.safetensors", {"m": m2}, ema2, opt2) == 0
+
+
+def test_pretrained_teacher_is_recorded_not_trained(tmp_path):
+    bundle_dir = tiny.build_bundle(tmp_path / "sd3-tiny")
+    ctx = _context(tmp_path, stage.Config(pretrained=str(bundle_dir)))
+    stage.run(ctx)
+    assert teacher.bundle_location(ctx.output_dir) == str(bundle_dir.resolve())
+    assert not (ctx.output_dir / stage.BUNDLE_DIR).exists()
+    fp = stage.external_fingerprint({"teacher": ctx.config})
+    assert fp[0] == str(bundle_dir.resolve()) and any(f[0] == "model_index.json" for f in fp[1])
+
+
+def test_bad_pretrained_fails_with_what_was_expected(tmp_path):
+    (tmp_path / "not-sd3").mkdir()
+    (tmp_path / "not-sd3" / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline"}))
+    ctx = _context(tmp_path, stage.Config(pretrained=str(tmp_path / "not-sd3")))
+    with pytest.raises(teacher.TeacherError, match=r"not an SD3-family diffusers directory: pipeline class "
+                                                   r"'FluxPipeline'.*transformer is None \(expected SD3Transformer2DModel\)"):
+        stage.run(ctx)
+    with pytest.raises(teacher.TeacherError, match="no such directory"):
+        stage.external_fingerprint({"teacher": stage.Config(pretrained=str(tmp_path / "missing"))})
