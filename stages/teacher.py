@@ -132,7 +132,9 @@ def run(ctx: StageContext) -> None:
 
     # The task writes into this node's output dir, so it runs on this node.
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-    task = ray.remote(num_cpus=cfg.num_cpus, scheduling_strategy=here)(_train)
+    # Passive OpenMP waits: spinning threads slow training ~5x when the cores are shared (measured).
+    task = ray.remote(num_cpus=cfg.num_cpus, scheduling_strategy=here,
+                      runtime_env={"env_vars": {"OMP_WAIT_POLICY": "PASSIVE"}})(_train)
     result = ray.get(task.remote(cfg.model_dump(), shard_urls(ctx.inputs["shards"], "train"),
                                  shard_urls(ctx.inputs["shards"], "eval"), str(ctx.output_dir),
                                  str(ctx.scratch_dir), ctx.tracking_uri, ctx.run_id))
@@ -239,12 +241,13 @@ def _train_vae(vae, images, cfg: Config, scratch: Path, log: "_Logger") -> dict:
     gen = torch.Generator().manual_seed(cfg.seed)
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
     warmup = min(cfg.warmup_steps, cfg.vae_num_steps // 4)
-    vae.train()
+    vae.train().to(memory_format=torch.channels_last)  # ~1.3x faster convolutions on the CPU
     start, mse_sum, n, step = time.monotonic(), 0.0, 0, 0
     for step in range(cfg.vae_num_steps):
         for group in opt.param_groups:
             group["lr"] = _lr_at(step, cfg.vae_lr, warmup)
         x = _pixels(images[torch.randint(len(images), (cfg.vae_batch_size,), generator=gen)])
+        x = x.contiguous(memory_format=torch.channels_last)
         posterior = vae.encode(x).latent_dist
         recon = vae.decode(posterior.sample(generator=gen)).sample
         mse = torch.nn.functional.mse_loss(recon, x)
@@ -263,7 +266,7 @@ def _train_vae(vae, images, cfg: Config, scratch: Path, log: "_Logger") -> dict:
             mse_sum, n = 0.0, 0
         if last:
             break
-    vae.eval()
+    vae.eval().to(memory_format=torch.contiguous_format)
     with torch.no_grad():  # PSNR on a fixed subset, posterior mode
         x = _pixels(images[:256])
         recon = vae.decode(vae.encode(x).latent_dist.mode()).sample.clamp(-1, 1)
@@ -298,7 +301,7 @@ def _train_flow(pipe, mean, std, prompts: list[str], cfg: Config, scratch: Path,
     ema = [p.detach().clone() for p in params]
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.99), weight_decay=0.0)
     first = _load_checkpoint(scratch / "flow.safetensors", modules, ema, opt)
-    gen = torch.Generator().manual_seed(cfg.seed + 1 + first)
+    gen = torch.Generator()
     for m in modules.values():
         m.train()
     shift, scale = pipe.vae.config.shift_factor, pipe.vae.config.scaling_factor
@@ -306,6 +309,7 @@ def _train_flow(pipe, mean, std, prompts: list[str], cfg: Config, scratch: Path,
     for step in range(first, cfg.num_steps):
         for group in opt.param_groups:
             group["lr"] = _lr_at(step, cfg.lr, cfg.warmup_steps)
+        gen.manual_seed(cfg.seed * 1_000_003 + step)  # per-step draws: a resumed run equals a straight one
         idx = torch.randint(len(prompts), (cfg.batch_size,), generator=gen)
         z = mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=gen)
         x0 = (z - shift) * scale
@@ -334,7 +338,7 @@ def _train_flow(pipe, mean, std, prompts: list[str], cfg: Config, scratch: Path,
             log.progress("transformer", step + 1, cfg.num_steps, time.monotonic() - start, cfg.batch_size,
                          {"loss": loss_sum / n}, steps_done_before=first)
             loss_sum, n = 0.0, 0
-        if (step + 1) % cfg.checkpoint_every_steps == 0 and not last:
+        if (step + 1) % cfg.checkpoint_every_steps == 0 or last:  # the last one lets a longer run continue
             _save_checkpoint(scratch / "flow.safetensors", modules, ema, opt, step + 1)
         if last:
             break
