@@ -99,4 +99,6 @@ def test_scales_against_the_teacher():
         check_feature_block(11, 4)
     # Every problem at once.
     with pytest.raises(ValueError, match=r"(?s)larger than the teacher's latent side 8.*swd.feature_block: 11"):
-        check_against_teacher(SwdConfig(), patch_size=2, latent_side=8, num_layers=4)
+        check_against_teacher(SwdConfig(feature_block=11), patch_size=2, latent_side=8, num_layers=4)
+    # The default section fits the embedded tiny teacher (latent 16, patch 2, 4 blocks).
+    check_against_teacher(SwdConfig(), patch_size=2, latent_side=16, num_layers=4)

@@ -95,9 +95,9 @@ class SwdConfig(_Section):
     boundaries: list[int] | None = None  # or: one grid index per step (final sigma 0 implied)
     grid: GridConfig = GridConfig()
     scale_index: Literal["cycle", "random"] = "cycle"  # released code: step mod N; earlier draft: random
-    # Image-token features after this transformer block (0-based) feed the GAN head and the MMD loss
-    # (11 of 24 for SD3.5-M, 20 of 38 for SD3.5-L; the embedded tiny teacher needs a smaller one).
-    feature_block: int = Field(11, ge=0)
+    # Image-token features after this transformer block (0-based) feed the GAN head and the MMD loss:
+    # about the middle; 1 of 4 for the embedded tiny teacher, 11 of 24 for SD3.5-M, 20 of 38 for SD3.5-L.
+    feature_block: int = Field(1, ge=0)
     # Feature-only calls end the forward after `feature_block` (saves the later blocks). Leave off
     # under DeepSpeed ZeRO-3, whose parameter gathering expects every forward to finish.
     stop_at_feature_block: bool = False
