@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from pipeline import shapes as dataset
 from pipeline.swd.config import SwdConfig
+from stages.cache import Config as CacheConfig
 from stages.teacher import Config as TeacherConfig
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -90,10 +91,6 @@ class DataConfig(Section):
     train_shards: str | list[str] | None = None
     eval_shards: str | list[str] | None = None
     generator: GeneratorConfig = GeneratorConfig()
-
-
-class CacheConfig(Section):
-    """Filled by the cache stage's issue."""
 
 
 class DistillConfig(Section):
@@ -235,8 +232,14 @@ def _describe_all(errors: list[dict]) -> list[str]:
             continue
         # A union (e.g. str | list[str]) reports one error per member: say them as alternatives.
         msgs = list(dict.fromkeys(e["msg"].removeprefix("Value error, ") for e in errs))
+        if all(_SELF_DESCRIBING.match(m) for m in msgs):  # a section validator already named the key
+            lines += [line for m in msgs for line in m.splitlines()]
+            continue
         lines.append(f"{key}: {errs[0].get('input')!r} is invalid: {' or '.join(msgs)}")
     return lines
+
+
+_SELF_DESCRIBING = re.compile(r"^[a-z_]+(\.[a-z_0-9]+)+: ")
 
 
 def _field_path(err: dict) -> list[str]:

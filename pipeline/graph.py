@@ -38,11 +38,12 @@ class StageSpec:
 
 
 def default_stages() -> list[StageSpec]:
-    from stages import shards, teacher
+    from stages import cache, shards, teacher
 
     return [
         StageSpec("shards", shards),
         StageSpec("teacher", teacher, inputs=("shards",)),
+        StageSpec("cache", cache, inputs=("shards", "teacher")),
     ]
 
 

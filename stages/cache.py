@@ -1,0 +1,943 @@
+"""`cache` stage: per-scale teacher latents and text embeddings of the train shards, in Parquet.
+
+Steps (SWD.md section 4, "Training inputs"; DESIGN.md "Data formats"):
+1. Key every train shard by content: url, size and mtime, the encoder identity (bundle location and
+   a digest of its VAE / text-encoder / tokenizer files, dtype, posterior), the scales and this
+   module's format version. A shard whose key is already committed under the stage's shared dir
+   is reused as it is, so adding shards encodes only the new ones.
+2. Read the new shards with Ray Data, one map task per shard: a tolerant WebDataset tar reader
+   (`scan_tar`, `read_shard`) that keeps the image bytes undecoded and turns every tar fault
+   (truncated, corrupt, members of a sample not contiguous, unreadable shard) into a counted
+   reject instead of an exception. Why not `ray.data.read_webdataset`: in its read task a
+   truncated member raises `tarfile.ReadError` and non-contiguous members raise `ValueError`,
+   which fails the whole Dataset (`DataContext.max_errored_blocks` would instead drop the whole
+   block, good samples included), and a corrupt header mid-file silently ends the shard.
+3. Decode on CPU (`map_batches`): image -> RGB -> centre-crop to a square ->
+   I_i = area(image -> pixels of s[i]), I_im1 = area(I_i -> pixels of s[i-1]) with s[-1] := s[0]
+   (`pipeline.swd.inputs.scale_images`). Bytes that are not an image and images smaller than the
+   largest scale are rejects; captions were checked by the reader (missing, empty, not UTF-8).
+4. Encode (`map_batches` with the callable class `TeacherEncoder` on an `ActorPoolStrategy` pool,
+   one GPU per actor where the cluster has GPUs): each actor loads the teacher's VAE and text
+   encoders once (`pipeline.teacher.load_bundle`); z_i = (E(I_i) - shift) * scaling, the same for
+   z_im1 (posterior mode by default, see `Config.posterior`); prompt_embeds and
+   pooled_prompt_embeds from `TeacherBundle.encode_prompt` (== StableDiffusion3Pipeline).
+5. `write_parquet` partitioned by shard key into the scratch dir; each shard's directory is then
+   moved into the shared dir and committed by its `shard.json` (rows, rejects). Up to
+   `max_shards_per_write` shards per Ray Data execution, so a killed run keeps finished rounds.
+6. Output: `cache.json` (encoder identity, scales, columns, rows, per-shard parquet dirs,
+   fingerprint) and `rejects.jsonl`; rows/s and rejects by reason go to the stage's MLflow run with
+   both files. The stage fails, after committing the shards, when the rejected fraction exceeds
+   `max_bad_fraction`.
+
+Reading the cache (the `distill` stage): `read_cache(cache_dir)` -> `ray.data.Dataset`
+(`ray.data.read_parquet` over the listed shard dirs); `decode_batch` / `decode_row` turn rows back
+into torch tensors (`z` / `z_im1`: one [B, C, s_i, s_i] tensor per scale index i).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+import shutil
+import sys
+import tarfile
+import tempfile
+import threading
+import time
+import uuid
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from pipeline.context import StageContext
+
+VERSION = "1"
+SECTIONS = ("cache", "swd", "teacher")
+CACHE_FILE = "cache.json"
+REJECTS_FILE = "rejects.jsonl"
+OUTPUTS = (CACHE_FILE, REJECTS_FILE)
+FORMAT_VERSION = 1  # of the per-shard Parquet layout below; part of every shard key
+SHARD_FILE = "shard.json"  # a shard directory counts as committed once this is there
+DATA_DIR = "data"  # the Parquet files of one shard: <shared>/<shard key>/data/*.parquet
+
+IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
+CAPTION_EXT = "txt"
+# Why a sample or a shard was skipped (counted per reason, listed in rejects.jsonl).
+REASONS = {
+    "unreadable_shard": "the shard could not be opened or read (not cached: retried next run)",
+    "truncated_tar": "the tar ends inside a member or without its end-of-archive blocks",
+    "corrupt_tar": "bytes that are not tar headers where a header should be",
+    "non_contiguous": "members of one sample are not adjacent in the tar",
+    "duplicate_member": "two members of one sample have the same extension",
+    "missing_image": f"no {'/'.join(IMAGE_EXTS)} member",
+    "not_image": "the image member does not decode as an image",
+    "too_small": "the image is smaller than the largest scale's pixel size",
+    "missing_caption": f"no {CAPTION_EXT} member",
+    "empty_caption": "the caption is empty or only whitespace",
+    "bad_caption": "the caption is not UTF-8 text",
+}
+
+
+class Config(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+    # Encoder actors, each holding the teacher's VAE and text encoders (one GPU each where there are GPUs).
+    num_encoders: int = Field(1, ge=1)
+    # Images per encoder call (every scale's two latents and the prompt embeddings of these images).
+    batch_size: int = Field(32, ge=1)
+    num_cpus_per_encoder: float = Field(1.0, gt=0)
+    # null: 1 when the Ray cluster has GPUs (the encoders then run on cuda), else 0 (cpu).
+    num_gpus_per_encoder: float | None = Field(None, ge=0)
+    # CPUs of each read / decode task, and images per decode call.
+    num_cpus_per_decoder: float = Field(1.0, gt=0)
+    decode_batch_size: int = Field(16, ge=1)
+    # Which point of the VAE posterior becomes the latent: "mode" (deterministic: the same image
+    # always caches the same latent, reproducible and testable against a direct encode) or
+    # "sample" (as diffusers' SD3 training scripts do; one draw frozen in the cache, seeded per
+    # key and scale by `seed`).
+    posterior: Literal["mode", "sample"] = "mode"
+    seed: int = 0
+    # dtype of the stored tensors; null: the teacher's dtype (teacher.dtype). bfloat16 is stored as
+    # its raw 2-byte pattern.
+    storage_dtype: Literal["float32", "bfloat16", "float16"] | None = None
+    # Fail the stage when rejected samples exceed this fraction of all samples read.
+    max_bad_fraction: float = Field(0.01, ge=0, le=1)
+    # New shards per Ray Data execution; each finished round is committed (a killed run keeps it).
+    max_shards_per_write: int = Field(64, ge=1)
+    # Seconds between progress lines / MLflow metrics while encoding.
+    log_every_s: float = Field(30.0, gt=0)
+
+
+# ----------------------------------------------------------------------------- stage
+
+
+def run(ctx: StageContext) -> None:
+    import mlflow
+    import ray
+
+    from pipeline.data import shard_urls
+    from pipeline.teacher import bundle_location, resolve_pretrained
+
+    cfg: Config = ctx.config
+    teacher = ctx.sections["teacher"]
+    scales = list(ctx.sections["swd"].schedule.scales)
+    mlc = mlflow.MlflowClient(ctx.tracking_uri)
+
+    location = bundle_location(ctx.inputs["teacher"])
+    directory = resolve_pretrained(location, teacher.local_files_only)
+    gpus = cfg.num_gpus_per_encoder
+    if gpus is None:
+        gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+    if teacher.dtype == "float16" and gpus == 0:
+        raise ValueError("teacher.dtype 'float16': the cache encoders run on the CPU here (no GPU in the Ray "
+                         "cluster, or cache.num_gpus_per_encoder=0), where float16 is not supported; use "
+                         "float32 or bfloat16, or give the encoders GPUs")
+    spec = EncoderSpec(location=str(directory), dtype=teacher.dtype, device="cuda" if gpus > 0 else "cpu",
+                       load_t5=teacher.load_t5, local_files_only=teacher.local_files_only,
+                       posterior=cfg.posterior, seed=cfg.seed, storage_dtype=cfg.storage_dtype or teacher.dtype,
+                       scales=scales, vae_scale_factor=vae_scale_factor(directory))
+    identity = encoder_identity(directory, spec)
+    shared = Path(ctx.shared_dir)
+
+    shards = [stat_shard(url) for url in shard_urls(ctx.inputs["shards"], "train")]
+    for s in shards:
+        if s.error is None:
+            s.key = shard_key(s, identity, spec)
+    done = {s.key for s in shards if s.key and (shared / s.key / SHARD_FILE).is_file()}
+    new = [s for s in shards if s.key and s.key not in done]
+    print(f"[cache] {len(shards)} train shard(s): {len(done)} cached, {len(new)} to encode, "
+          f"{sum(s.error is not None for s in shards)} unreadable; scales {scales} "
+          f"(pixels {[s * spec.vae_scale_factor for s in scales]}), encoders {cfg.num_encoders} x "
+          f"({cfg.num_cpus_per_encoder} CPU, {gpus} GPU) on {spec.device}, {spec.dtype}", flush=True)
+
+    started = time.monotonic()
+    encoded_rows = 0
+    failed: dict[str, dict] = {}  # shard key -> reject entry (unreadable while encoding; not committed)
+    for first in range(0, len(new), cfg.max_shards_per_write):
+        batch = new[first:first + cfg.max_shards_per_write]
+        rows, unreadable = encode_shards(batch, spec, identity, cfg, gpus, shared, Path(ctx.scratch_dir),
+                                         ctx.tracking_uri, ctx.run_id, started, encoded_rows)
+        encoded_rows += rows
+        failed.update(unreadable)
+    encode_s = time.monotonic() - started
+
+    # Assemble the output from every shard's committed record (reused and new alike).
+    listing, rejects = [], []
+    for s in shards:
+        record = None
+        if s.key and s.key not in failed and (shared / s.key / SHARD_FILE).is_file():
+            record = json.loads((shared / s.key / SHARD_FILE).read_text())
+        if record is None:
+            entry = failed.get(s.key) or {"url": s.url, "key": s.url, "reason": "unreadable_shard", "detail": s.error}
+            rejects.append(entry)
+            continue
+        listing.append({"url": s.url, "shard_key": s.key, "dir": str(shared / s.key / DATA_DIR),
+                        "rows": record["rows"], "rejects": len(record["rejects"]),
+                        "reused": s.key in done})
+        rejects += record["rejects"]
+    total_rows = sum(e["rows"] for e in listing)
+    by_reason = {r: sum(1 for e in rejects if e["reason"] == r) for r in REASONS}
+    unreadable_shards = by_reason["unreadable_shard"]
+    # An unreadable shard stands for as many samples as a readable shard holds on average.
+    per_shard = max(1.0, (total_rows + len(rejects) - unreadable_shards) / max(1, len(listing)))
+    bad = len(rejects) - unreadable_shards + unreadable_shards * per_shard
+    bad_fraction = bad / max(1.0, total_rows + bad)
+
+    write_jsonl(ctx.output_dir / REJECTS_FILE, rejects)
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "encoder": identity,
+        "scales": scales,
+        "vae_scale_factor": spec.vae_scale_factor,
+        "pixel_sides": [s * spec.vae_scale_factor for s in scales],
+        "columns": tensor_names(len(scales)),
+        "tensor_columns": "<name> (bytes, little-endian), <name>_shape (list<int32>), <name>_dtype (string)",
+        "num_rows": total_rows,
+        "num_rejects": len(rejects),
+        "rejects_by_reason": {r: n for r, n in by_reason.items() if n},
+        "bad_fraction": round(bad_fraction, 6),
+        "shards": listing,
+        "fingerprint": hashlib.sha256(json.dumps(sorted(e["shard_key"] for e in listing)).encode()).hexdigest()[:16],
+        "stage_fingerprint": ctx.fingerprint,
+    }
+    (ctx.output_dir / CACHE_FILE).write_text(json.dumps(manifest, indent=1) + "\n")
+
+    reused = sum(e["reused"] for e in listing)
+    metrics = {"rows": total_rows, "rejects": len(rejects), "bad_fraction": bad_fraction,
+               "shards": len(shards), "shards_encoded": len(listing) - reused, "shards_reused": reused,
+               "rows_encoded": encoded_rows, "encode_s": encode_s,
+               **{f"rejects_{r}": n for r, n in by_reason.items()}}
+    if encoded_rows:
+        metrics["rows_per_s"] = encoded_rows / encode_s
+    _log_metrics(mlc, ctx.run_id, metrics)
+    mlc.log_artifact(ctx.run_id, str(ctx.output_dir / REJECTS_FILE))
+    mlc.log_artifact(ctx.run_id, str(ctx.output_dir / CACHE_FILE))
+    ctx.summary.update({k: (round(v, 4) if isinstance(v, float) else v) for k, v in metrics.items()
+                        if not k.startswith("rejects_") or v})
+    print(f"[cache] {total_rows} rows in {len(listing)} shard(s) ({reused} reused); "
+          + (f"encoded {encoded_rows} rows at {encoded_rows / encode_s:.1f} rows/s; " if encoded_rows else "")
+          + f"{len(rejects)} rejects" + (f" {manifest['rejects_by_reason']}" if rejects else ""), flush=True)
+
+    if total_rows == 0:
+        raise RuntimeError(f"cache: no usable sample in {len(shards)} train shard(s); rejects by reason "
+                           f"{manifest['rejects_by_reason']} (rejected keys logged to MLflow as {REJECTS_FILE})")
+    if bad_fraction > cfg.max_bad_fraction:
+        raise RuntimeError(
+            f"cache: {bad_fraction:.2%} of the train samples were rejected, more than cache.max_bad_fraction="
+            f"{cfg.max_bad_fraction} ({len(rejects)} rejects: {manifest['rejects_by_reason']}; rejected keys in "
+            f"{REJECTS_FILE}, logged to MLflow run {ctx.run_id}). Fix or drop the bad shards, or raise "
+            f"cache.max_bad_fraction; encoded shards stay cached and are not encoded again")
+
+
+# ----------------------------------------------------------------------------- shard keys
+
+
+@dataclass
+class EncoderSpec:
+    """What the encoder actors need to know, and what decides the bytes they produce."""
+    location: str
+    dtype: str
+    device: str
+    load_t5: bool
+    local_files_only: bool
+    posterior: str
+    seed: int
+    storage_dtype: str
+    scales: list[int]
+    vae_scale_factor: int
+
+    @property
+    def pixel_sides(self) -> list[int]:
+        return [s * self.vae_scale_factor for s in self.scales]
+
+
+@dataclass
+class Shard:
+    url: str
+    size_bytes: int | None = None
+    mtime_ns: int | None = None
+    error: str | None = None  # why it could not be looked at
+    key: str | None = None
+
+
+ENCODER_PARTS = ("vae/", "text_encoder", "tokenizer", "model_index.json", "swd_teacher.json")
+
+
+def vae_scale_factor(directory: str | Path) -> int:
+    """2 ** (number of VAE blocks - 1), as StableDiffusion3Pipeline computes it."""
+    config = json.loads((Path(directory) / "vae" / "config.json").read_text())
+    return 2 ** (len(config["block_out_channels"]) - 1)
+
+
+def encoder_identity(directory: str | Path, spec: EncoderSpec) -> dict:
+    """Bundle location and a digest of every file the encoders read (the transformer is not one of
+    them), plus the settings that change their output."""
+    from pipeline.teacher import directory_digest
+
+    files = [f for f in directory_digest(Path(directory)) if f[0].startswith(ENCODER_PARTS)]
+    return {"location": str(directory),
+            "digest": hashlib.sha256(json.dumps(files).encode()).hexdigest()[:16],
+            "dtype": spec.dtype, "load_t5": spec.load_t5, "posterior": spec.posterior,
+            "seed": spec.seed if spec.posterior == "sample" else None, "storage_dtype": spec.storage_dtype}
+
+
+def stat_shard(url: str) -> Shard:
+    """Size and modification time of a local path or pyarrow-filesystem URI."""
+    try:
+        if "://" not in url:
+            st = os.stat(url)
+            return Shard(url, st.st_size, st.st_mtime_ns)
+        import pyarrow.fs as pafs
+
+        fs, path = pafs.FileSystem.from_uri(url)
+        info = fs.get_file_info(path)
+        if info.type != pafs.FileType.File:
+            return Shard(url, error=f"not a file ({info.type})")
+        return Shard(url, info.size, info.mtime_ns)
+    except (OSError, ValueError) as e:
+        return Shard(url, error=f"{type(e).__name__}: {e}")
+
+
+def shard_key(shard: Shard, identity: dict, spec: EncoderSpec) -> str:
+    payload = {"format": FORMAT_VERSION, "url": shard.url, "size": shard.size_bytes, "mtime_ns": shard.mtime_ns,
+               "encoder": identity, "scales": spec.scales, "vae_scale_factor": spec.vae_scale_factor}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:24]
+
+
+# ----------------------------------------------------------------------------- one round of Ray Data
+
+
+def encode_shards(shards: list[Shard], spec: EncoderSpec, identity: dict, cfg: Config, gpus: float, shared: Path,
+                  scratch: Path, tracking_uri: str, run_id: str, started: float, rows_before: int
+                  ) -> tuple[int, dict[str, dict]]:
+    """Read, decode, encode and write `shards`, then commit each into `shared/<key>/`.
+
+    Returns (rows written, {shard key: reject entry} of shards that could not be read, which are
+    not committed so the next run tries them again)."""
+    import ray
+
+    tally = ray.remote(num_cpus=0)(Tally).remote()
+    out = scratch / f"write-{uuid.uuid4().hex[:8]}"
+    for stale in scratch.glob("write-*"):  # left by a killed run of this fingerprint
+        shutil.rmtree(stale, ignore_errors=True)
+    ds = build_dataset(shards, spec, cfg, gpus, tally)
+    with _Progress(tally, tracking_uri, run_id, started, rows_before, cfg.log_every_s):
+        ds.write_parquet(str(out), partition_cols=["shard_key"])
+    rejects, unreadable = ray.get(tally.rejects.remote())
+    ray.kill(tally)
+
+    rows = 0
+    failed = {}
+    for s in shards:
+        if s.key in unreadable:
+            failed[s.key] = unreadable[s.key]
+            continue
+        part = out / f"shard_key={s.key}"
+        entries = [{**e, "url": s.url} for e in rejects.get(s.key, [])]  # decode rejects know only the shard key
+        n = _commit_shard(s, part, shared, entries)
+        rows += n
+    shutil.rmtree(out, ignore_errors=True)
+    return rows, failed
+
+
+def build_dataset(shards: list[Shard], spec: EncoderSpec, cfg: Config, gpus: float, tally):
+    """The Ray Data pipeline of steps 2-4 (written by the caller)."""
+    import ray
+
+    items = [{"url": s.url, "shard_key": s.key} for s in shards]
+    ds = ray.data.from_items(items, override_num_blocks=len(items))
+    ds = ds.map_batches(read_shards, batch_size=1, batch_format="pyarrow", fn_kwargs={"tally": tally},
+                        num_cpus=cfg.num_cpus_per_decoder)
+    # The decode tasks reserve the memory their batch needs. That also keeps Ray Data from fusing
+    # them into the encoder actors (it fuses maps only with equal remote args): fused, each actor
+    # would decode between its forwards instead of decode tasks running beside it.
+    ds = ds.map_batches(decode_images, batch_size=cfg.decode_batch_size, batch_format="pyarrow",
+                        fn_kwargs={"spec": spec, "tally": tally}, num_cpus=cfg.num_cpus_per_decoder,
+                        memory=decode_memory_bytes(spec, cfg.decode_batch_size))
+    return ds.map_batches(TeacherEncoder, batch_size=cfg.batch_size, batch_format="numpy",
+                          fn_constructor_kwargs={"spec": spec, "tally": tally},
+                          compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cfg.num_encoders),
+                          num_cpus=cfg.num_cpus_per_encoder, num_gpus=gpus)
+
+
+def decode_memory_bytes(spec: EncoderSpec, batch_size: int) -> int:
+    """Working set of one decode call: per image, a float32 crop at twice the largest scale's pixel
+    size (images are usually larger than the largest scale) and every scale's two float32 images."""
+    largest = max(spec.pixel_sides)
+    prev = [spec.pixel_sides[max(i - 1, 0)] for i in range(len(spec.scales))]
+    per_image = 3 * 4 * ((2 * largest) ** 2 + sum(p * p for p in spec.pixel_sides) + sum(p * p for p in prev))
+    return batch_size * per_image + (64 << 20)  # + the task's own footprint
+
+
+def _commit_shard(shard: Shard, part: Path, shared: Path, rejects: list[dict]) -> int:
+    """Move one shard's Parquet files into `shared/<key>/data/` and write its `shard.json` last."""
+    import pyarrow.parquet as pq
+
+    final = shared / shard.key
+    if (final / SHARD_FILE).is_file():  # committed meanwhile by a concurrent run: keep that one
+        return json.loads((final / SHARD_FILE).read_text())["rows"]
+    if final.exists():  # a killed commit
+        shutil.rmtree(final)
+    staging = shared / f".tmp-{shard.key}-{uuid.uuid4().hex[:8]}"
+    staging.mkdir(parents=True)
+    if part.is_dir():
+        os.rename(part, staging / DATA_DIR)
+    else:  # every sample of the shard was rejected
+        (staging / DATA_DIR).mkdir()
+    files = sorted((staging / DATA_DIR).glob("*.parquet"))
+    rows = sum(pq.read_metadata(f).num_rows for f in files)
+    os.rename(staging, final)
+    record = {"url": shard.url, "size_bytes": shard.size_bytes, "mtime_ns": shard.mtime_ns, "shard_key": shard.key,
+              "rows": rows, "files": [f.name for f in files],
+              "rejects": sorted(rejects, key=lambda e: (e["key"], e["reason"]))}
+    tmp = final / (SHARD_FILE + ".part")
+    tmp.write_text(json.dumps(record, indent=1) + "\n")
+    os.replace(tmp, final / SHARD_FILE)
+    return rows
+
+
+def _log_metrics(mlc, run_id: str, values: dict, step: int = 0) -> None:
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    mlc.log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in values.items()])
+
+
+class Tally:
+    """Ray actor (made with `ray.remote` where it is used, so importing this module needs no Ray):
+    rejects, deduplicated so that a retried task does not count twice, and encoded rows, from the
+    read, decode and encoder workers of one round."""
+
+    def __init__(self):
+        self._rejects: dict[tuple[str, str, str], dict] = {}
+        self._unreadable: dict[str, dict] = {}
+        self._encoded = 0
+
+    def reject(self, shard_key: str, entries: list[dict]) -> None:
+        for e in entries:
+            if e["reason"] == "unreadable_shard":
+                self._unreadable[shard_key] = e
+            else:
+                self._rejects[(shard_key, e["key"], e["reason"])] = e
+
+    def encoded(self, n: int) -> None:
+        self._encoded += n
+
+    def progress(self) -> tuple[int, int]:
+        return self._encoded, len(self._rejects) + len(self._unreadable)
+
+    def rejects(self) -> tuple[dict[str, list[dict]], dict[str, dict]]:
+        by_shard: dict[str, list[dict]] = {}
+        for (shard_key, _, _), e in self._rejects.items():
+            by_shard.setdefault(shard_key, []).append(e)
+        return by_shard, self._unreadable
+
+
+class _Progress:
+    """While a round runs: one progress line and rows / rows_per_s / rejects metrics every `every_s`."""
+
+    def __init__(self, tally, tracking_uri: str, run_id: str, started: float, rows_before: int, every_s: float):
+        self.tally, self.uri, self.run_id = tally, tracking_uri, run_id
+        self.started, self.rows_before, self.every_s = started, rows_before, every_s
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._loop, daemon=True, name="cache-progress")
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join(timeout=10)
+
+    def _loop(self) -> None:
+        import mlflow
+        import ray
+
+        mlc = mlflow.MlflowClient(self.uri)
+        while not self.stop.wait(self.every_s):
+            try:
+                encoded, rejects = ray.get(self.tally.progress.remote(), timeout=10)
+                elapsed = time.monotonic() - self.started
+                rows = self.rows_before + encoded
+                print(f"[cache] encoded {rows} rows, {rows / elapsed:.1f} rows/s, {rejects} rejects "
+                      f"({elapsed:.0f} s)", flush=True)
+                _log_metrics(mlc, self.run_id, {"progress_rows": rows, "progress_rows_per_s": rows / elapsed,
+                                                "progress_rejects": rejects}, step=int(elapsed))
+            except Exception as e:  # progress is best effort; the round itself reports errors
+                print(f"[cache] progress unavailable: {type(e).__name__}: {e}", flush=True)
+
+
+# ----------------------------------------------------------------------------- step 2: tolerant tar reader
+
+_KEY_EXT = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # webdataset's split: key = path up to the first dot
+_BLOCK = 512
+READ_ROWS_PER_BLOCK = 64
+
+
+@dataclass
+class Run:
+    """A contiguous run of tar members with the same key (one sample, if the tar is well formed)."""
+    key: str
+    members: dict[str, tarfile.TarInfo] = field(default_factory=dict)
+    start: int = 0  # offset of its first header
+    end: int = 0  # offset after its last member's (padded) data
+    duplicate: bool = False
+
+
+@dataclass
+class Scan:
+    runs: list[Run]
+    faults: list[tuple[int, str, str]]  # (offset, reason, detail) of tar-level faults
+    truncated_members: set[str]  # names of members whose data runs past the end of the file
+
+
+def scan_tar(fileobj, size: int) -> Scan:
+    """Walk a tar's headers (seeking over the data) and find the samples and the faults.
+
+    `ignore_zeros=True` makes tarfile step over blocks that are not valid headers one at a time,
+    so it resynchronises on the next good header after a corrupt region; the regions skipped are
+    found afterwards as non-zero gaps between members.
+    """
+    members: list[tarfile.TarInfo] = []
+    faults: list[tuple[int, str, str]] = []
+    stopped = None
+    try:
+        tar = tarfile.open(fileobj=fileobj, mode="r:", ignore_zeros=True)
+        for m in tar:
+            members.append(m)
+    except (tarfile.TarError, EOFError, OSError) as e:  # a truncated header or data, a bad extended header
+        stopped = f"{type(e).__name__}: {e}"
+    truncated: set[str] = set()
+    pos = 0
+    for m in members:
+        if m.offset > pos and not _zeros(fileobj, pos, m.offset):
+            faults.append((pos, "corrupt_tar", f"{m.offset - pos} bytes that are not tar headers at offset {pos}"))
+        if m.offset_data + m.size > size:
+            truncated.add(m.name)
+            faults.append((m.offset, "truncated_tar", f"member {m.name!r} ends past the end of the file ({size} bytes)"))
+        pos = max(pos, m.offset_data + (m.size + _BLOCK - 1) // _BLOCK * _BLOCK)
+    # What follows the last member: a tar ends with zero blocks (two, padded to a record).
+    if not truncated:
+        if pos >= size:  # cut exactly after a member: whatever followed is gone
+            faults.append((pos, "truncated_tar", f"ends right after a member at offset {pos}, without "
+                                                 f"end-of-archive blocks"))
+        elif stopped is not None or not _zeros(fileobj, pos, size):
+            # A partial header (the file was cut inside it) or bytes that are not headers.
+            reason = "truncated_tar" if members and (size % _BLOCK or stopped) else "corrupt_tar"
+            where = f"after the last member at offset {pos}" if members else "of the file"
+            faults.append((pos, reason, stopped or f"{size - pos} bytes {where} are not tar headers"))
+
+    runs: list[Run] = []
+    for m in members:
+        match = _KEY_EXT.match(m.name)
+        if not m.isreg() or not match:
+            continue
+        key, ext = match.group(1), match.group(2).lower()
+        if not runs or runs[-1].key != key:
+            runs.append(Run(key, start=m.offset))
+        run = runs[-1]
+        if m.name in truncated:  # the sample is there, its cut member is not
+            run.end = size
+            continue
+        run.duplicate |= ext in run.members
+        run.members.setdefault(ext, m)
+        run.end = m.offset_data + (m.size + _BLOCK - 1) // _BLOCK * _BLOCK
+    return Scan(runs, faults, truncated)
+
+
+def _zeros(f, start: int, end: int) -> bool:
+    f.seek(start)
+    left = end - start
+    while left > 0:
+        chunk = f.read(min(left, 1 << 20))
+        if not chunk:
+            return True  # past the end of the file: checked by the caller
+        if chunk.strip(b"\0"):
+            return False
+        left -= len(chunk)
+    return True
+
+
+def judge_runs(scan: Scan, url: str) -> tuple[list[Run], list[dict]]:
+    """The good samples of a scanned shard and one reject entry per bad one (or per fault that
+    took no sample with it). A fault is blamed on the incomplete sample next to it, if any."""
+    rejected: dict[str, dict] = {}
+
+    def reject(key: str, reason: str, detail: str) -> None:
+        rejected.setdefault(key, {"url": url, "key": key, "reason": reason, "detail": detail})
+
+    def complete(run: Run) -> bool:
+        return any(e in run.members for e in IMAGE_EXTS) and CAPTION_EXT in run.members
+
+    for offset, reason, detail in scan.faults:
+        before = [r for r in scan.runs if r.end <= offset or r.start <= offset < r.end]
+        after = [r for r in scan.runs if r.start >= offset]
+        near = ([before[-1]] if before else []) + ([after[0]] if after else [])
+        blamed = [r for r in near if not complete(r) and r.key not in rejected]
+        for r in blamed:
+            reject(r.key, reason, detail)
+        if not blamed:
+            reject(f"{url}@{offset}", reason, detail)
+    seen: dict[str, int] = {}
+    for r in scan.runs:
+        seen[r.key] = seen.get(r.key, 0) + 1
+    good = []
+    for r in scan.runs:
+        if r.key in rejected:
+            continue
+        if seen[r.key] > 1:
+            reject(r.key, "non_contiguous", f"members of {r.key!r} are in {seen[r.key]} separate places in the tar")
+        elif r.duplicate:
+            reject(r.key, "duplicate_member", f"members {sorted(r.members)} with a repeated extension")
+        elif not any(e in r.members for e in IMAGE_EXTS):
+            reject(r.key, "missing_image", f"members {sorted(r.members)}")
+        elif CAPTION_EXT not in r.members:
+            reject(r.key, "missing_caption", f"members {sorted(r.members)}")
+        else:
+            good.append(r)
+    return good, list(rejected.values())
+
+
+@contextmanager
+def _local_file(url: str) -> Iterator[tuple[Any, int]]:
+    """(seekable file, size) of a shard: a local path directly, a remote URI copied to a temp file."""
+    if "://" not in url:
+        with open(url, "rb") as f:
+            yield f, os.fstat(f.fileno()).st_size
+        return
+    import pyarrow.fs as pafs
+
+    fs, path = pafs.FileSystem.from_uri(url)
+    with tempfile.TemporaryFile() as tmp:
+        with fs.open_input_stream(path) as src:
+            while chunk := src.read(8 << 20):
+                tmp.write(chunk)
+        size = tmp.tell()
+        tmp.seek(0)
+        yield tmp, size
+
+
+def read_shard(url: str, shard_key: str) -> Iterator[tuple[list[dict], list[dict]]]:
+    """(samples, rejects) in chunks: samples are {key, shard_key, prompt, image, image_ext} with the
+    image bytes undecoded. Never raises for bad data: an unreadable shard is one reject."""
+    try:
+        with _local_file(url) as (f, size):
+            scan = scan_tar(f, size)
+            good, rejects = judge_runs(scan, url)
+            yield [], rejects
+            rows: list[dict] = []
+            for run in good:
+                caption = run.members[CAPTION_EXT]
+                f.seek(caption.offset_data)
+                try:
+                    prompt = f.read(caption.size).decode("utf-8").strip()
+                except UnicodeDecodeError as e:
+                    yield [], [{"url": url, "key": run.key, "reason": "bad_caption", "detail": str(e)}]
+                    continue
+                if not prompt:
+                    yield [], [{"url": url, "key": run.key, "reason": "empty_caption", "detail": ""}]
+                    continue
+                ext = next(e for e in IMAGE_EXTS if e in run.members)
+                image = run.members[ext]
+                f.seek(image.offset_data)
+                rows.append({"key": run.key, "shard_key": shard_key, "prompt": prompt,
+                             "image": f.read(image.size), "image_ext": ext})
+                if len(rows) >= READ_ROWS_PER_BLOCK:
+                    yield rows, []
+                    rows = []
+            if rows:
+                yield rows, []
+    except OSError as e:
+        yield [], [{"url": url, "key": url, "reason": "unreadable_shard", "detail": f"{type(e).__name__}: {e}"}]
+
+
+_SAMPLE_SCHEMA = None
+
+
+def _sample_schema():
+    global _SAMPLE_SCHEMA
+    if _SAMPLE_SCHEMA is None:
+        import pyarrow as pa
+
+        _SAMPLE_SCHEMA = pa.schema([("key", pa.string()), ("shard_key", pa.string()), ("prompt", pa.string()),
+                                    ("image", pa.binary()), ("image_ext", pa.string())])
+    return _SAMPLE_SCHEMA
+
+
+def read_shards(batch, tally):
+    """Ray Data map_batches (batch_size=1): one shard in, its samples out in blocks of
+    READ_ROWS_PER_BLOCK rows; rejects go to the tally."""
+    import pyarrow as pa
+    import ray
+
+    for url, key in zip(batch["url"].to_pylist(), batch["shard_key"].to_pylist()):
+        for rows, rejects in read_shard(url, key):
+            if rejects:
+                ray.get(tally.reject.remote(key, rejects))
+            if rows:
+                yield pa.Table.from_pylist(rows, schema=_sample_schema())
+
+
+# ----------------------------------------------------------------------------- step 3: decode and downsample
+
+
+def transport_dtype(dtype: str):
+    """numpy dtype that carries pixels of a torch dtype between Ray tasks (bf16 as its int16 bits)."""
+    import numpy as np
+
+    return {"float32": np.float32, "float16": np.float16, "bfloat16": np.int16}[dtype]
+
+
+def to_numpy(x, dtype: str):
+    """torch tensor -> numpy in `dtype`; bfloat16 as its raw bits (numpy and Arrow have no bf16)."""
+    import torch
+
+    x = x.to(getattr(torch, dtype)).contiguous()
+    return (x.view(torch.int16) if dtype == "bfloat16" else x).numpy()
+
+
+def from_numpy(a, dtype: str):
+    import torch
+
+    t = torch.from_numpy(a if a.flags.writeable else a.copy())
+    return t.view(torch.bfloat16) if dtype == "bfloat16" else t
+
+
+def image_tensor(data: bytes):
+    """Image bytes -> RGB, centre-cropped to a square, as float32 [1, 3, S, S] in [-1, 1]
+    (raises for bytes that are not an image)."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as image:
+        image = image.convert("RGB")
+    side = min(image.size)
+    left, top = (image.width - side) // 2, (image.height - side) // 2
+    if image.size != (side, side):
+        image = image.crop((left, top, left + side, top + side))
+    pixels = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1).unsqueeze(0)
+    return pixels.float() / 127.5 - 1.0
+
+
+def pixel_columns(num_scales: int) -> list[str]:
+    return [f"pixels_{i}" for i in range(num_scales)] + [f"pixels_im1_{i}" for i in range(num_scales)]
+
+
+def decode_images(batch, spec: EncoderSpec, tally) -> dict:
+    """Ray Data map_batches (CPU): image bytes -> I_i and I_im1 of every scale (SWD.md section 4).
+
+    I_i = area(image -> pixels of s[i]); I_im1 = area(I_i -> pixels of s[i-1]), s[-1] := s[0]. Pixels
+    leave in the encoder's dtype (what the VAE would cast them to anyway)."""
+    import numpy as np
+    import ray
+    import torch
+
+    from pipeline.swd.inputs import scale_images
+
+    n_scales = len(spec.scales)
+    largest = max(spec.pixel_sides)
+    out: dict[str, list] = {"key": [], "shard_key": [], "prompt": [], **{c: [] for c in pixel_columns(n_scales)}}
+    rejects: dict[str, list[dict]] = {}
+    rows = batch.to_pylist()
+    with torch.no_grad():
+        for row in rows:
+            try:
+                image = image_tensor(row["image"])
+            except Exception as e:  # PIL raises many types for bytes that are not an image
+                rejects.setdefault(row["shard_key"], []).append(
+                    {"url": "", "key": row["key"], "reason": "not_image",
+                     "detail": f"{row['image_ext']}: {type(e).__name__}: {e}"[:300]})
+                continue
+            if image.shape[-1] < largest:
+                rejects.setdefault(row["shard_key"], []).append(
+                    {"url": "", "key": row["key"], "reason": "too_small",
+                     "detail": f"{image.shape[-1]} px square after the centre crop < {largest} px (largest scale)"})
+                continue
+            for i in range(n_scales):
+                image_i, image_im1 = scale_images(image, spec.scales, i, spec.vae_scale_factor)
+                out[f"pixels_{i}"].append(to_numpy(image_i[0], spec.dtype))
+                out[f"pixels_im1_{i}"].append(to_numpy(image_im1[0], spec.dtype))
+            for k in ("key", "shard_key", "prompt"):
+                out[k].append(row[k])
+    for shard_key, entries in rejects.items():
+        ray.get(tally.reject.remote(shard_key, entries))
+    dtype = transport_dtype(spec.dtype)
+    result = {k: np.array(out[k], dtype=object) for k in ("key", "shard_key", "prompt")}
+    for i in range(n_scales):
+        prev = spec.pixel_sides[max(i - 1, 0)]
+        for name, side in ((f"pixels_{i}", spec.pixel_sides[i]), (f"pixels_im1_{i}", prev)):
+            result[name] = np.stack(out[name]) if out[name] else np.zeros((0, 3, side, side), dtype)
+    return result
+
+
+# ----------------------------------------------------------------------------- step 4: encoders
+
+
+def tensor_names(num_scales: int) -> list[str]:
+    """Tensor columns of a cache row: z_i and z_im1_i per scale index i, then the text embeddings."""
+    return ([f"z_{i}" for i in range(num_scales)] + [f"z_im1_{i}" for i in range(num_scales)]
+            + ["prompt_embeds", "pooled_prompt_embeds"])
+
+
+class TeacherEncoder:
+    """Encoder actor: loads the teacher's VAE and text encoders once, encodes batches of decoded images."""
+
+    def __init__(self, spec: EncoderSpec, tally=None):
+        import torch
+
+        from pipeline.teacher import load_bundle
+
+        self.spec, self.tally = spec, tally
+        self.bundle = load_bundle(spec.location, spec.dtype, spec.device, spec.local_files_only, spec.load_t5)
+        self.storage = getattr(torch, spec.storage_dtype)
+
+    def __call__(self, batch: dict) -> "pa.Table":  # noqa: F821
+        import torch
+
+        keys = [str(k) for k in batch["key"]]
+        tensors: dict[str, torch.Tensor] = {}
+        with torch.inference_mode():
+            if keys:
+                for i in range(len(self.spec.scales)):
+                    tensors[f"z_{i}"] = self.latents(batch[f"pixels_{i}"], keys, f"z_{i}")
+                    if self.spec.scales[max(i - 1, 0)] == self.spec.scales[i]:
+                        tensors[f"z_im1_{i}"] = tensors[f"z_{i}"]  # I_im1 == I_i: area to the same size is the identity
+                    else:
+                        tensors[f"z_im1_{i}"] = self.latents(batch[f"pixels_im1_{i}"], keys, f"z_im1_{i}")
+                prompt_embeds, pooled = self.bundle.encode_prompt([str(p) for p in batch["prompt"]])
+                tensors["prompt_embeds"], tensors["pooled_prompt_embeds"] = prompt_embeds, pooled
+        if self.tally is not None and keys:
+            self.tally.encoded.remote(len(keys))
+        return rows_table(keys, [str(p) for p in batch["prompt"]], [str(s) for s in batch["shard_key"]],
+                          {k: v.to(self.storage) for k, v in tensors.items()}, tensor_names(len(self.spec.scales)))
+
+    def latents(self, pixels, keys: list[str], name: str):
+        """(E(pixels) - shift_factor) * scaling_factor, as the SD3 pipelines normalise latents."""
+        import torch
+
+        x = from_numpy(pixels, self.spec.dtype)
+        if self.spec.posterior == "mode":
+            return self.bundle.encode_images(x)  # (latent_dist.mode() - shift) * scaling
+        vae = self.bundle.vae
+        generators = [torch.Generator(vae.device).manual_seed(_seed(self.spec.seed, key, name)) for key in keys]
+        z = vae.encode(x.to(vae.device, vae.dtype)).latent_dist.sample(generator=generators)
+        return (z - self.bundle.shift_factor) * self.bundle.scaling_factor
+
+
+def _seed(seed: int, key: str, name: str) -> int:
+    return int.from_bytes(hashlib.sha256(f"{seed}/{key}/{name}".encode()).digest()[:8], "little") & ((1 << 63) - 1)
+
+
+def rows_table(keys: list[str], prompts: list[str], shard_keys: list[str], tensors: dict, names: list[str]):
+    """One cache row per sample: key, prompt, shard_key, and per tensor: bytes, shape, dtype."""
+    import pyarrow as pa
+
+    columns: dict[str, pa.Array] = {"key": pa.array(keys, pa.string()), "prompt": pa.array(prompts, pa.string()),
+                                    "shard_key": pa.array(shard_keys, pa.string())}
+    for name in names:
+        t = tensors.get(name)
+        if t is None:
+            data, shapes, dtypes = [], [], []
+        else:
+            data, shape, dtype = tensor_bytes(t.cpu())
+            shapes, dtypes = [shape] * len(keys), [dtype] * len(keys)
+        columns[name] = pa.array(data, pa.binary())
+        columns[f"{name}_shape"] = pa.array(shapes, pa.list_(pa.int32()))
+        columns[f"{name}_dtype"] = pa.array(dtypes, pa.string())
+    return pa.table(columns)
+
+
+def tensor_bytes(batch_tensor) -> tuple[list[bytes], list[int], str]:
+    """[B, ...] tensor -> (B little-endian byte strings, per-row shape, dtype name); bfloat16 as raw bits."""
+    import torch
+
+    t = batch_tensor.contiguous()
+    dtype = str(t.dtype).removeprefix("torch.")
+    raw = t.view(torch.int16) if t.dtype == torch.bfloat16 else t
+    array = raw.numpy()
+    if sys.byteorder == "big":
+        array = array.byteswap()
+    return [array[b].tobytes() for b in range(array.shape[0])], list(t.shape[1:]), dtype
+
+
+# ----------------------------------------------------------------------------- reading the cache
+
+
+def read_manifest(cache_dir: str | Path) -> dict:
+    """The `cache.json` of a committed cache stage output."""
+    return json.loads((Path(cache_dir) / CACHE_FILE).read_text())
+
+
+def read_cache(cache_dir: str | Path, columns: list[str] | None = None, **read_parquet_args):
+    """The cache as a `ray.data.Dataset` (`ray.data.read_parquet` over every listed shard dir that
+    holds rows). `columns` prunes the read, e.g. one scale: ["key", "z_2", "z_2_shape", "z_2_dtype", ...]."""
+    import ray
+
+    manifest = read_manifest(cache_dir)
+    dirs = [e["dir"] for e in manifest["shards"] if e["rows"]]
+    if not dirs:
+        raise ValueError(f"cache {cache_dir}: no rows (rejects by reason: {manifest['rejects_by_reason']})")
+    ds = ray.data.read_parquet(dirs, file_extensions=["parquet"], partitioning=None, **read_parquet_args)
+    return ds.select_columns(columns) if columns else ds
+
+
+_NUMPY_DTYPES = {"float32": "<f4", "float16": "<f2", "bfloat16": "<i2", "float64": "<f8"}
+
+
+def decode_tensor(data: bytes, shape, dtype: str):
+    """One stored tensor back to torch (bfloat16 from its raw 2-byte pattern)."""
+    import numpy as np
+    import torch
+
+    if dtype not in _NUMPY_DTYPES:
+        raise ValueError(f"cache tensor dtype {dtype!r} is not one of {sorted(_NUMPY_DTYPES)}")
+    t = torch.from_numpy(np.frombuffer(data, dtype=_NUMPY_DTYPES[dtype]).copy())
+    if dtype == "bfloat16":
+        t = t.view(torch.bfloat16)
+    return t.reshape([int(s) for s in shape])
+
+
+def decode_row(row: dict) -> dict:
+    """A cache row (dict) -> {"key", "prompt", <tensor name>: tensor without a batch dim}."""
+    out: dict[str, Any] = {k: row[k] for k in ("key", "prompt") if k in row}
+    for name in _tensor_columns(row):
+        out[name] = decode_tensor(row[name], row[f"{name}_shape"], row[f"{name}_dtype"])
+    return out
+
+
+def decode_batch(batch) -> dict:
+    """A batch of cache rows (Ray Data numpy or pandas batch, pyarrow table, or dict of lists) ->
+    {"key": [...], "prompt": [...], "z": [[B, C, s_i, s_i] per scale], "z_im1": [...],
+    "prompt_embeds": [B, L, D], "pooled_prompt_embeds": [B, P], and every tensor column by name}."""
+    import torch
+
+    if hasattr(batch, "to_pydict"):  # pyarrow
+        batch = batch.to_pydict()
+    elif hasattr(batch, "to_dict") and hasattr(batch, "columns"):  # pandas
+        batch = {c: list(batch[c]) for c in batch.columns}
+    out: dict[str, Any] = {k: [str(v) for v in batch[k]] for k in ("key", "prompt") if k in batch}
+    for name in _tensor_columns(batch):
+        tensors = [decode_tensor(d, s, t) for d, s, t in zip(batch[name], batch[f"{name}_shape"], batch[f"{name}_dtype"])]
+        out[name] = torch.stack(tensors) if tensors else torch.empty(0)
+    scales = sorted(int(n[2:]) for n in out if re.fullmatch(r"z_\d+", n))
+    if scales:
+        out["z"] = [out[f"z_{i}"] for i in scales]
+        if all(f"z_im1_{i}" in out for i in scales):
+            out["z_im1"] = [out[f"z_im1_{i}"] for i in scales]
+    return out
+
+
+def _tensor_columns(batch) -> list[str]:
+    return [k[: -len("_dtype")] for k in batch if k.endswith("_dtype") and k[: -len("_dtype")] in batch]
+
+
+def write_jsonl(path: Path, entries: list[dict]) -> None:
+    path.write_text("".join(json.dumps(e, sort_keys=True) + "\n" for e in entries))
