@@ -10,7 +10,7 @@ from torch import nn
 
 from pipeline.bench_models import TEST, build_transformer, random_text_cond
 from pipeline.swd.config import SwdConfig
-from pipeline.swd.networks import (build_networks, frozen, gan_head, student_lora_state_dict,
+from pipeline.swd.networks import (build_networks, frozen, gan_head, save_student, student_lora_state_dict,
                                    transformer_features)
 from pipeline.swd.sampler import TextCond, velocity
 
@@ -69,6 +69,22 @@ def test_full_finetune_uses_a_frozen_copy(cond, x):
     assert not any(p.requires_grad for p in nets.frozen_teacher.parameters())
     with nets.teacher() as teacher:
         assert teacher is nets.frozen_teacher
+
+
+def test_student_export_loads_in_stock_diffusers(tmp_path, cond, x):
+    nets = build_networks(build_transformer("test", seed=0), _cfg(student={"lora_rank": 2, "lora_alpha": 8},
+                                                                  loss={"mode": "mmd_only"}))
+    with torch.no_grad():
+        for n, p in nets.student.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1, generator=torch.Generator().manual_seed(0))
+        v_student = velocity(nets.student, x, 0.5, cond)
+    assert save_student(nets.student, tmp_path) == "lora"
+    assert [p.name for p in tmp_path.iterdir()] == ["pytorch_lora_weights.safetensors"]
+    fresh = build_transformer("test", seed=0)
+    fresh.load_lora_adapter(str(tmp_path), weight_name="pytorch_lora_weights.safetensors")
+    with torch.no_grad():
+        torch.testing.assert_close(velocity(fresh, x, 0.5, cond), v_student)  # alpha 8 != rank 2 survives
 
 
 def test_bad_target_modules_are_reported():

@@ -13,7 +13,8 @@ from pipeline.swd.inputs import TrainingInputs, area_downsample, choose_scale_in
 from pipeline.swd.losses import (dmd_gradient, dmd_loss, diffusion_loss, fake_loss, gan_discriminator_loss,
                                  gan_generator_loss, generator_loss, mmd_linear, mmd_loss, mmd_rbf)
 from pipeline.swd.networks import (FakeScore, Networks, build_fake, build_networks, build_student, frozen,
-                                   gan_head, student_lora_state_dict, transformer_features)
+                                   gan_head, save_student, student_lora_state_dict,
+                                   transformer_features)
 from pipeline.swd.sampler import (TextCond, add_noise, bicubic_resize, guided_velocity, sample_scalewise,
                                   sample_teacher, velocity, x0_hat)
 from pipeline.swd.schedules import (PRESETS, boundaries_to_sigmas, check_scales_for_patch, relative_cost,
@@ -25,6 +26,6 @@ __all__ = [
     "check_feature_block", "check_scales_for_patch", "choose_scale_index", "diffusion_loss", "dmd_gradient",
     "dmd_loss", "fake_loss", "frozen", "gan_discriminator_loss", "gan_generator_loss", "gan_head", "generator_loss",
     "guided_velocity", "mmd_linear", "mmd_loss", "mmd_rbf", "relative_cost", "sample_scalewise", "sample_teacher",
-    "scale_images", "student_lora_state_dict", "teacher_sigmas", "training_inputs", "transformer_features",
+    "save_student", "scale_images", "student_lora_state_dict", "teacher_sigmas", "training_inputs", "transformer_features",
     "velocity", "x0_hat",
 ]

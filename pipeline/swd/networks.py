@@ -190,8 +190,25 @@ def frozen(*modules: nn.Module | None):
 
 
 def student_lora_state_dict(student) -> dict[str, torch.Tensor]:
-    """The student's LoRA weights in diffusers' PEFT naming (save with safetensors, or with
-    `StableDiffusion3Pipeline.save_lora_weights(dir, transformer_lora_layers=...)`)."""
+    """The student's LoRA weights in diffusers' PEFT naming, without the adapter name."""
     from peft.utils import get_peft_model_state_dict
 
     return get_peft_model_state_dict(student, adapter_name=STUDENT_ADAPTER)
+
+
+def save_student(student, directory) -> str:
+    """Export the student for stock diffusers, safetensors only. LoRA: `pytorch_lora_weights.safetensors`
+    with the adapter's LoraConfig as metadata (without it diffusers loses lora_alpha), loadable with
+    `StableDiffusion3Pipeline.load_lora_weights(directory)` or `transformer.load_lora_adapter(directory,
+    weight_name="pytorch_lora_weights.safetensors")`; returns "lora". Full fine-tune: the transformer
+    via `save_pretrained`; returns "full"."""
+    if STUDENT_ADAPTER in (getattr(student, "peft_config", None) or {}):
+        from diffusers.loaders import SD3LoraLoaderMixin
+
+        SD3LoraLoaderMixin.save_lora_weights(
+            directory, transformer_lora_layers=student_lora_state_dict(student),
+            transformer_lora_adapter_metadata=student.peft_config[STUDENT_ADAPTER].to_dict(),
+            safe_serialization=True)
+        return "lora"
+    student.save_pretrained(directory, safe_serialization=True)
+    return "full"
