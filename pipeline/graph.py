@@ -21,6 +21,8 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, Callable
 
+from pydantic import BaseModel
+
 from pipeline.config import PipelineConfig
 from pipeline.context import StageContext
 
@@ -35,6 +37,16 @@ class StageSpec:
     name: str
     module: ModuleType
     inputs: tuple[str, ...] = ()
+    # A variant of a stage (e.g. the full-resolution baseline distill) replaces some of the
+    # sections it reads; the replaced sections feed its fingerprint like any config.
+    configure: Callable[[PipelineConfig], dict[str, BaseModel]] | None = None
+    # A stage that only runs when the config asks for it; downstream stages see no such input.
+    enabled: Callable[[PipelineConfig], bool] | None = None
+
+    def sections(self, cfg: PipelineConfig) -> dict[str, BaseModel]:
+        """The config sections this stage reads, its own first."""
+        sections = {s: getattr(cfg, s) for s in self.module.SECTIONS}
+        return {**sections, **(self.configure(cfg) if self.configure else {})}
 
 
 def default_stages() -> list[StageSpec]:
@@ -53,7 +65,7 @@ class PlannedStage:
     fingerprint: str
     output_dir: Path
     cached: bool
-    action: str  # "run" | "cached" | "excluded"
+    action: str  # "run" | "cached" | "excluded" | "disabled"
 
     @property
     def name(self) -> str:
@@ -75,10 +87,13 @@ def plan(cfg: PipelineConfig, stages: list[StageSpec], only: set[str] = frozense
     fingerprints: dict[str, str] = {}
     planned: list[PlannedStage] = []
     for spec in stages:
-        fp = fingerprint(spec, cfg, {i: fingerprints[i] for i in spec.inputs})
-        fingerprints[spec.name] = fp
+        fp = fingerprint(spec, cfg, {i: fingerprints[i] for i in spec.inputs if i in fingerprints})
         out = stage_dir(cfg.workdir, spec.name) / fp
         cached = (out / MANIFEST).is_file()
+        if spec.enabled is not None and not spec.enabled(cfg):
+            planned.append(PlannedStage(spec, fp, out, cached, "disabled"))
+            continue
+        fingerprints[spec.name] = fp
         if only and spec.name not in only:
             action = "cached" if cached else "excluded"
         elif cached and spec.name not in force:
@@ -98,14 +113,14 @@ def plan(cfg: PipelineConfig, stages: list[StageSpec], only: set[str] = frozense
 
 
 def fingerprint(spec: StageSpec, cfg: PipelineConfig, input_fingerprints: dict[str, str]) -> str:
-    sections = {s: getattr(cfg, s).model_dump(mode="json") for s in spec.module.SECTIONS}
+    sections = spec.sections(cfg)
     external = getattr(spec.module, "external_fingerprint", None)
     payload = {
         "stage": spec.name,
         "version": spec.module.VERSION,
-        "sections": sections,
+        "sections": {s: m.model_dump(mode="json") for s, m in sections.items()},
         "inputs": input_fingerprints,
-        "external": external({s: getattr(cfg, s) for s in spec.module.SECTIONS}) if external else None,
+        "external": external(sections) if external else None,
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -133,7 +148,7 @@ def execute_stage(p: PlannedStage, cfg: PipelineConfig, inputs: dict[str, Path],
     scratch.mkdir(exist_ok=True)
     shared = root / "shared"
     shared.mkdir(exist_ok=True)
-    sections = {s: getattr(cfg, s) for s in p.spec.module.SECTIONS}
+    sections = p.spec.sections(cfg)
     ctx = StageContext(
         name=p.name, config=sections[p.spec.module.SECTIONS[0]], sections=sections, inputs=inputs,
         output_dir=tmp, scratch_dir=scratch, shared_dir=shared, tracking_uri=tracking_uri,
@@ -174,6 +189,6 @@ def describe_plan(planned: list[PlannedStage]) -> str:
     lines = []
     for p in planned:
         what = {"run": "would run" if not p.cached else "would re-run (forced)",
-                "cached": "cached", "excluded": "not run (--only)"}[p.action]
+                "cached": "cached", "excluded": "not run (--only)", "disabled": "disabled by config"}[p.action]
         lines.append(f"  {p.name:<{width}}  {p.fingerprint}  {what:<22} {p.output_dir}")
     return "\n".join(lines)

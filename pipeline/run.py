@@ -71,11 +71,11 @@ def run_stages(cfg: PipelineConfig, planned: list[graph.PlannedStage], uri: str,
     outputs: dict[str, Path] = {}
     start = time.monotonic()
     for p in planned:
-        if p.action == "excluded":
-            print(f"[pipeline] {p.name}: not run (--only)", flush=True)
+        if p.action in ("excluded", "disabled"):
+            print(f"[pipeline] {p.name}: not run ({'--only' if p.action == 'excluded' else 'disabled by config'})", flush=True)
             continue
-        inputs = {i: outputs[i] for i in p.spec.inputs}
-        params = config_mod.flatten({s: getattr(cfg, s) for s in p.spec.module.SECTIONS})
+        inputs = {i: outputs[i] for i in p.spec.inputs if i in outputs}  # a disabled optional input is absent
+        params = config_mod.flatten(p.spec.sections(cfg))
         if p.action == "cached":
             manifest = graph.read_manifest(p.output_dir)
             run_id = tracking.start_stage_run(mlc, exp_id, parent, p.name, p.fingerprint, params,

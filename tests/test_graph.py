@@ -106,3 +106,32 @@ def test_sigkilled_stage_is_never_mistaken_for_finished(workdir, toy_env, tmp_pa
     assert rc == 0 and "b" in ran
     assert (planned["b"].output_dir / "out.txt").read_text() == "ab"
     assert not list((workdir / "b").glob(".tmp-*"))
+
+
+def test_stage_variant_and_disabled_stage(workdir, toy_env):
+    """A variant reuses a stage module with replaced sections (like the full-resolution baseline
+    distill); a stage disabled by config is not run and its consumers get no such input."""
+    from toy_stages import _make
+
+    def variant_graph():
+        a = _make("a", ("data",))
+        return toy_graph() + [
+            graph.StageSpec("a_variant", a, configure=lambda cfg: {"data": cfg.data.model_copy(
+                update={"generator": cfg.data.generator.model_copy(update={"seed": cfg.data.generator.seed + 100})})},
+                enabled=lambda cfg: cfg.ray.num_cpus == 1),
+            graph.StageSpec("d", _make("d", ("register",)), inputs=("a", "a_variant")),
+        ]
+
+    cfg = load_config(overrides=[f"workdir={workdir}"])
+    planned = {p.name: p for p in graph.plan(cfg, variant_graph())}
+    assert planned["a_variant"].action == "disabled"
+    assert run_stages(cfg, list(planned.values()), f"sqlite:///{workdir / 'mlflow.db'}", []) == 0
+    assert (planned["d"].output_dir / "out.txt").read_text() == "ad"  # only a's output came in
+    cfg1 = load_config(overrides=[f"workdir={workdir}", "ray.num_cpus=1"])
+    planned1 = {p.name: p for p in graph.plan(cfg1, variant_graph())}
+    assert planned1["a_variant"].action == "run"
+    assert planned1["a"].action == "cached"  # the variant's replaced section is its own
+    assert planned1["a_variant"].fingerprint != planned1["a"].fingerprint
+    assert planned1["d"].action == "run"  # a new input: a new fingerprint
+    assert run_stages(cfg1, list(planned1.values()), f"sqlite:///{workdir / 'mlflow.db'}", []) == 0
+    assert graph.read_manifest(planned1["a_variant"].output_dir)["sections"]["data"]["generator"]["seed"] == 100
