@@ -108,13 +108,17 @@ def main(argv=None) -> dict:
     def fullres():
         sample_scalewise(model, cond, [latent_side] * len(scales), sigmas, generator=gen.manual_seed(0))
 
-    x_full = torch.randn(batch, config["in_channels"], latent_side, latent_side, device=device)
+    def forward_at(side):
+        x = torch.randn(batch, config["in_channels"], side, side, device=device, generator=gen.manual_seed(1))
 
-    def forward():
-        with torch.no_grad():
-            velocity(model, x_full, 1.0, cond)
+        def forward():
+            with torch.no_grad():
+                velocity(model, x, 1.0, cond)
+        return forward
 
-    runs = {"swd": swd, "teacher": teacher, "fullres": fullres, "forward": forward}
+    runs = {"swd": swd, "teacher": teacher, "fullres": fullres, "forward": forward_at(latent_side)}
+    for side in sorted(set(scales) - {latent_side}):
+        runs[f"forward@{side}"] = forward_at(side)
     for fn in runs.values():
         for _ in range(args.warmup):
             fn()
@@ -139,6 +143,13 @@ def main(argv=None) -> dict:
         "token_cost_fullres_forwards": relative_cost(scales, latent_side),
         "token_cost_with_text_fullres_forwards": _cost_with_text(scales, latent_side, config["patch_size"],
                                                                  TEXT_TOKENS[args.model]),
+        # SwD's forwards alone, one per scale (min over repeats), in full-resolution forwards: the
+        # structural cost without sampler overhead, robust to a busy machine.
+        "forward_ms_per_image_min": {side: per_image_ms_min["forward" if side == latent_side else f"forward@{side}"]
+                                     for side in sorted(set(scales))},
+        "swd_forwards_only_fullres_forwards": sum(
+            min(times["forward" if side == latent_side else f"forward@{side}"]) for side in scales)
+            / min(times["forward"]),
         "from_min": {"speedup_vs_teacher": min(times["teacher"]) / min(times["swd"]),
                      "speedup_vs_fullres": min(times["fullres"]) / min(times["swd"]),
                      "fullres_forwards": min(times["swd"]) / min(times["forward"])},
@@ -172,6 +183,8 @@ def print_report(r: dict) -> None:
         value, goal = r[key], GOALS[key]
         ok = value >= goal if op == ">=" else value <= goal
         print(f"{name:<30}{value:>8.2f}{r['from_min'][key]:>8.2f}   goal {op} {goal:<5} {'met' if ok else 'MISSED'}")
+    print(f"{'(forwards only, per scale)':<30}{r['swd_forwards_only_fullres_forwards']:>8.2f}   full-res forwards "
+          f"(min ms/image per side: {({k: round(v, 2) for k, v in r['forward_ms_per_image_min'].items()})})")
     print(f"{'(token-count estimate)':<30}{r['token_cost_fullres_forwards']:>8.2f}   full-res forwards; "
           f"{r['token_cost_with_text_fullres_forwards']:.2f} counting the text tokens every step carries")
     print("ratios from medians; on a shared CPU compare with the (min) column")
