@@ -36,6 +36,7 @@ into torch tensors (`z` / `z_im1`: one [B, C, s_i, s_i] tensor per scale index i
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -159,12 +160,14 @@ def run(ctx: StageContext) -> None:
     started = time.monotonic()
     encoded_rows = 0
     failed: dict[str, dict] = {}  # shard key -> reject entry (unreadable while encoding; not committed)
+    steady: list[float] = []
     for first in range(0, len(new), cfg.max_shards_per_write):
         batch = new[first:first + cfg.max_shards_per_write]
-        rows, unreadable = encode_shards(batch, spec, identity, cfg, gpus, shared, Path(ctx.scratch_dir),
-                                         ctx.tracking_uri, ctx.run_id, started, encoded_rows)
+        rows, unreadable, rate = encode_shards(batch, spec, identity, cfg, gpus, shared, Path(ctx.scratch_dir),
+                                               ctx.tracking_uri, ctx.run_id, started, encoded_rows)
         encoded_rows += rows
         failed.update(unreadable)
+        steady += [rate] if rate else []
     encode_s = time.monotonic() - started
 
     # Assemble the output from every shard's committed record (reused and new alike).
@@ -214,7 +217,9 @@ def run(ctx: StageContext) -> None:
                "rows_encoded": encoded_rows, "encode_s": encode_s,
                **{f"rejects_{r}": n for r, n in by_reason.items()}}
     if encoded_rows:
-        metrics["rows_per_s"] = encoded_rows / encode_s
+        metrics["rows_per_s"] = encoded_rows / encode_s  # end to end, start-up included
+    if steady:
+        metrics["rows_per_s_steady"] = min(steady)
     _log_metrics(mlc, ctx.run_id, metrics)
     mlc.log_artifact(ctx.run_id, str(ctx.output_dir / REJECTS_FILE))
     mlc.log_artifact(ctx.run_id, str(ctx.output_dir / CACHE_FILE))
@@ -315,11 +320,11 @@ def shard_key(shard: Shard, identity: dict, spec: EncoderSpec) -> str:
 
 def encode_shards(shards: list[Shard], spec: EncoderSpec, identity: dict, cfg: Config, gpus: float, shared: Path,
                   scratch: Path, tracking_uri: str, run_id: str, started: float, rows_before: int
-                  ) -> tuple[int, dict[str, dict]]:
+                  ) -> tuple[int, dict[str, dict], float | None]:
     """Read, decode, encode and write `shards`, then commit each into `shared/<key>/`.
 
     Returns (rows written, {shard key: reject entry} of shards that could not be read, which are
-    not committed so the next run tries them again)."""
+    not committed so the next run tries them again, steady-state rows/s of the encoders)."""
     import ray
 
     tally = ray.remote(num_cpus=0)(Tally).remote()
@@ -330,6 +335,7 @@ def encode_shards(shards: list[Shard], spec: EncoderSpec, identity: dict, cfg: C
     with _Progress(tally, tracking_uri, run_id, started, rows_before, cfg.log_every_s):
         ds.write_parquet(str(out), partition_cols=["shard_key"])
     rejects, unreadable = ray.get(tally.rejects.remote())
+    steady = ray.get(tally.steady_rows_per_s.remote())
     ray.kill(tally)
 
     rows = 0
@@ -343,7 +349,7 @@ def encode_shards(shards: list[Shard], spec: EncoderSpec, identity: dict, cfg: C
         n = _commit_shard(s, part, shared, entries)
         rows += n
     shutil.rmtree(out, ignore_errors=True)
-    return rows, failed
+    return rows, failed, steady
 
 
 def build_dataset(shards: list[Shard], spec: EncoderSpec, cfg: Config, gpus: float, tally):
@@ -372,7 +378,7 @@ def decode_memory_bytes(spec: EncoderSpec, batch_size: int) -> int:
     largest = max(spec.pixel_sides)
     prev = [spec.pixel_sides[max(i - 1, 0)] for i in range(len(spec.scales))]
     per_image = 3 * 4 * ((2 * largest) ** 2 + sum(p * p for p in spec.pixel_sides) + sum(p * p for p in prev))
-    return batch_size * per_image + (64 << 20)  # + the task's own footprint
+    return batch_size * per_image + (768 << 20)  # + the worker itself (Python, torch, PIL: ~550 MiB measured)
 
 
 def _commit_shard(shard: Shard, part: Path, shared: Path, rejects: list[dict]) -> int:
@@ -418,6 +424,7 @@ class Tally:
         self._rejects: dict[tuple[str, str, str], dict] = {}
         self._unreadable: dict[str, dict] = {}
         self._encoded = 0
+        self._batches: list[tuple[float, int]] = []  # (wall time, rows) of each encoded batch
 
     def reject(self, shard_key: str, entries: list[dict]) -> None:
         for e in entries:
@@ -428,6 +435,16 @@ class Tally:
 
     def encoded(self, n: int) -> None:
         self._encoded += n
+        self._batches.append((time.time(), n))
+
+    def steady_rows_per_s(self) -> float | None:
+        """Rows/s from the first encoded batch to the last: the rate once the pipeline is full
+        (Ray Data start-up, actor start and model load excluded)."""
+        if len(self._batches) < 2:
+            return None
+        first, last = min(self._batches), max(self._batches)
+        rows = sum(n for _, n in self._batches) - first[1]
+        return rows / max(1e-9, last[0] - first[0])
 
     def progress(self) -> tuple[int, int]:
         return self._encoded, len(self._rejects) + len(self._unreadable)
@@ -521,7 +538,8 @@ def scan_tar(fileobj, size: int) -> Scan:
             faults.append((pos, "corrupt_tar", f"{m.offset - pos} bytes that are not tar headers at offset {pos}"))
         if m.offset_data + m.size > size:
             truncated.add(m.name)
-            faults.append((m.offset, "truncated_tar", f"member {m.name!r} ends past the end of the file ({size} bytes)"))
+            faults.append((m.offset, "truncated_tar", f"member {m.name!r} ends past the end of the file "
+                                                      f"({size} bytes)"))
         pos = max(pos, m.offset_data + (m.size + _BLOCK - 1) // _BLOCK * _BLOCK)
     # What follows the last member: a tar ends with zero blocks (two, padded to a record).
     if not truncated:
@@ -658,17 +676,13 @@ def read_shard(url: str, shard_key: str) -> Iterator[tuple[list[dict], list[dict
         yield [], [{"url": url, "key": url, "reason": "unreadable_shard", "detail": f"{type(e).__name__}: {e}"}]
 
 
-_SAMPLE_SCHEMA = None
+@functools.cache
+def sample_schema():
+    """Columns of the samples the reader emits (image bytes undecoded)."""
+    import pyarrow as pa
 
-
-def _sample_schema():
-    global _SAMPLE_SCHEMA
-    if _SAMPLE_SCHEMA is None:
-        import pyarrow as pa
-
-        _SAMPLE_SCHEMA = pa.schema([("key", pa.string()), ("shard_key", pa.string()), ("prompt", pa.string()),
-                                    ("image", pa.binary()), ("image_ext", pa.string())])
-    return _SAMPLE_SCHEMA
+    return pa.schema([("key", pa.string()), ("shard_key", pa.string()), ("prompt", pa.string()),
+                      ("image", pa.binary()), ("image_ext", pa.string())])
 
 
 def read_shards(batch, tally):
@@ -682,7 +696,7 @@ def read_shards(batch, tally):
             if rejects:
                 ray.get(tally.reject.remote(key, rejects))
             if rows:
-                yield pa.Table.from_pylist(rows, schema=_sample_schema())
+                yield pa.Table.from_pylist(rows, schema=sample_schema())
 
 
 # ----------------------------------------------------------------------------- step 3: decode and downsample
@@ -731,7 +745,7 @@ def pixel_columns(num_scales: int) -> list[str]:
     return [f"pixels_{i}" for i in range(num_scales)] + [f"pixels_im1_{i}" for i in range(num_scales)]
 
 
-def decode_images(batch, spec: EncoderSpec, tally) -> dict:
+def decode_images(batch, spec: EncoderSpec, tally=None) -> dict:
     """Ray Data map_batches (CPU): image bytes -> I_i and I_im1 of every scale (SWD.md section 4).
 
     I_i = area(image -> pixels of s[i]); I_im1 = area(I_i -> pixels of s[i-1]), s[-1] := s[0]. Pixels
@@ -768,7 +782,8 @@ def decode_images(batch, spec: EncoderSpec, tally) -> dict:
             for k in ("key", "shard_key", "prompt"):
                 out[k].append(row[k])
     for shard_key, entries in rejects.items():
-        ray.get(tally.reject.remote(shard_key, entries))
+        if tally is not None:
+            ray.get(tally.reject.remote(shard_key, entries))
     dtype = transport_dtype(spec.dtype)
     result = {k: np.array(out[k], dtype=object) for k in ("key", "shard_key", "prompt")}
     for i in range(n_scales):
@@ -799,25 +814,31 @@ class TeacherEncoder:
         self.bundle = load_bundle(spec.location, spec.dtype, spec.device, spec.local_files_only, spec.load_t5)
         self.storage = getattr(torch, spec.storage_dtype)
 
-    def __call__(self, batch: dict) -> "pa.Table":  # noqa: F821
-        import torch
-
+    def __call__(self, batch: dict):
+        """A decoded batch (numpy) -> a pyarrow table of cache rows."""
         keys = [str(k) for k in batch["key"]]
-        tensors: dict[str, torch.Tensor] = {}
-        with torch.inference_mode():
-            if keys:
-                for i in range(len(self.spec.scales)):
-                    tensors[f"z_{i}"] = self.latents(batch[f"pixels_{i}"], keys, f"z_{i}")
-                    if self.spec.scales[max(i - 1, 0)] == self.spec.scales[i]:
-                        tensors[f"z_im1_{i}"] = tensors[f"z_{i}"]  # I_im1 == I_i: area to the same size is the identity
-                    else:
-                        tensors[f"z_im1_{i}"] = self.latents(batch[f"pixels_im1_{i}"], keys, f"z_im1_{i}")
-                prompt_embeds, pooled = self.bundle.encode_prompt([str(p) for p in batch["prompt"]])
-                tensors["prompt_embeds"], tensors["pooled_prompt_embeds"] = prompt_embeds, pooled
+        tensors = self.forward(batch) if keys else {}
         if self.tally is not None and keys:
             self.tally.encoded.remote(len(keys))
         return rows_table(keys, [str(p) for p in batch["prompt"]], [str(s) for s in batch["shard_key"]],
                           {k: v.to(self.storage) for k, v in tensors.items()}, tensor_names(len(self.spec.scales)))
+
+    def forward(self, batch: dict) -> dict:
+        """The encoders alone: z_i and z_im1_i of every scale i, prompt_embeds, pooled_prompt_embeds."""
+        import torch
+
+        keys = [str(k) for k in batch["key"]]
+        tensors = {}
+        with torch.inference_mode():
+            for i in range(len(self.spec.scales)):
+                tensors[f"z_{i}"] = self.latents(batch[f"pixels_{i}"], keys, f"z_{i}")
+                if self.spec.scales[max(i - 1, 0)] == self.spec.scales[i]:
+                    tensors[f"z_im1_{i}"] = tensors[f"z_{i}"]  # I_im1 == I_i: area to the same size is the identity
+                else:
+                    tensors[f"z_im1_{i}"] = self.latents(batch[f"pixels_im1_{i}"], keys, f"z_im1_{i}")
+            prompt_embeds, pooled = self.bundle.encode_prompt([str(p) for p in batch["prompt"]])
+        tensors["prompt_embeds"], tensors["pooled_prompt_embeds"] = prompt_embeds, pooled
+        return tensors
 
     def latents(self, pixels, keys: list[str], name: str):
         """(E(pixels) - shift_factor) * scaling_factor, as the SD3 pipelines normalise latents."""
@@ -925,7 +946,8 @@ def decode_batch(batch) -> dict:
         batch = {c: list(batch[c]) for c in batch.columns}
     out: dict[str, Any] = {k: [str(v) for v in batch[k]] for k in ("key", "prompt") if k in batch}
     for name in _tensor_columns(batch):
-        tensors = [decode_tensor(d, s, t) for d, s, t in zip(batch[name], batch[f"{name}_shape"], batch[f"{name}_dtype"])]
+        columns = zip(batch[name], batch[f"{name}_shape"], batch[f"{name}_dtype"])
+        tensors = [decode_tensor(d, s, t) for d, s, t in columns]
         out[name] = torch.stack(tensors) if tensors else torch.empty(0)
     scales = sorted(int(n[2:]) for n in out if re.fullmatch(r"z_\d+", n))
     if scales:

@@ -220,12 +220,24 @@ def test_cached_latents_and_embeddings_equal_a_direct_encode(first_run, pipeline
             for i, (image_i, image_im1) in enumerate(expected_pixels(samples[key]["png"], scales, 4)):
                 direct = (loaded.vae.encode(image_i).latent_dist.mode() - SHIFT) * SCALING
                 torch.testing.assert_close(batch["z"][i][b], direct[0], atol=1e-4, rtol=1e-4)
-                torch.testing.assert_close(batch["z_im1"][i][b], loaded.encode_images(image_im1)[0], atol=1e-4, rtol=1e-4)
+                torch.testing.assert_close(batch["z_im1"][i][b], loaded.encode_images(image_im1)[0],
+                                           atol=1e-4, rtol=1e-4)
         prompt_embeds, pooled = loaded.encode_prompt(batch["prompt"])
     torch.testing.assert_close(batch["prompt_embeds"], prompt_embeds, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(batch["pooled_prompt_embeds"], pooled, atol=1e-5, rtol=1e-5)
     # s[-1] := s[0]: the previous-scale latent of scale 0 is the scale-0 latent itself
     torch.testing.assert_close(batch["z_im1"][0], batch["z"][0])
+
+    # the batch formats a Ray Data consumer gets decode the same
+    by_key = {k: b for b, k in enumerate(batch["key"])}
+    ds = cache.read_cache(first_run.output_dir).materialize()
+    for fmt in ("numpy", "pyarrow", "pandas"):
+        got = cache.decode_batch(next(iter(ds.iter_batches(batch_size=5, batch_format=fmt))))
+        assert len(got["key"]) == 5 and got["prompt_embeds"].shape == (5, *batch["prompt_embeds"].shape[1:])
+        rows_of = [by_key[k] for k in got["key"]]
+        for i in range(len(scales)):
+            assert torch.equal(got["z"][i], batch["z"][i][rows_of])
+            assert torch.equal(got["z_im1"][i], batch["z_im1"][i][rows_of])
 
 
 def test_adding_a_shard_encodes_only_that_shard(first_run, pipeline_root, bundle):
@@ -329,7 +341,8 @@ def test_too_many_rejects_fail_with_a_clear_error_and_keep_the_encoded_shards(ba
     root, kinds, urls, ctx = bad_root
     strict = _context(root, bundle, urls, cache.Config(batch_size=8, decode_batch_size=8, max_bad_fraction=0.05))
     with pytest.raises(RuntimeError, match=r"cache: \d+\.\d+% of the train samples were rejected, more than "
-                                           r"cache.max_bad_fraction=0.05 \(13 rejects: .*'not_image': 2.*rejects.jsonl"):
+                                           r"cache.max_bad_fraction=0.05 \(13 rejects: .*'not_image': 2.*"
+                                           r"rejects.jsonl"):
         cache.run(strict)
     rejects = (strict.output_dir / cache.REJECTS_FILE).read_text()  # written before failing
     assert rejects.count("\n") == 13
