@@ -72,6 +72,7 @@ def test_config_round_trips_and_explicit_schedules():
     ({"loss": {"dmd_k_range": [12, 40]}}, r"swd.loss.dmd_k_range: \[12, 40\] must be a half-open range"),
     ({"grid": {"num_steps": 20}}, r"swd.loss.dmd_k_range: \[12, 28\] .* <= swd.grid.num_steps = 20"),
     ({"loss": {"mode": "mmd_only", "mmd_features": "fake"}}, r"swd.loss.mmd_features: 'fake' needs the fake"),
+    ({"loss": {"mode": "mmd_only", "mmd_weight": 0}}, r"swd.loss.mmd_weight: 0 leaves swd.loss.mode='mmd_only'"),
     ({"loss": {"mmd_kernel": "cosine"}}, r"mmd_kernel"),
     ({"unknown_key": 1}, r"unknown_key"),
 ])

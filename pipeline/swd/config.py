@@ -76,6 +76,8 @@ class LossConfig(_Section):
         if self.mode == "mmd_only" and self.mmd_features != "teacher":
             raise ValueError(f"swd.loss.mmd_features: {self.mmd_features!r} needs the fake network, which "
                              "swd.loss.mode='mmd_only' does not build; valid: 'teacher'")
+        if self.mode == "mmd_only" and self.mmd_weight == 0:
+            raise ValueError("swd.loss.mmd_weight: 0 leaves swd.loss.mode='mmd_only' with no loss; valid: > 0")
         return self
 
 
