@@ -1,0 +1,732 @@
+"""`evaluate` stage: the student against the teacher (and the full-resolution baseline) on held-out prompts.
+
+Steps:
+1. Eval set: the first `max_prompts` samples of the eval shards (`shards` stage, `data.eval_shards`):
+   prompt, image (the reference set), json attributes where present. Its fingerprint (keys, prompts,
+   image digests, seeds and batching, metric settings) is what `register` compares champions on.
+2. Generation with Ray Data, one execution per generator: the eval prompts in fixed chunks of
+   `batch_size` (one seed per chunk, the same chunks and seeds for every generator) through
+   `map_batches` with the callable class `GenerateActor` on an `ActorPoolStrategy` pool; each actor
+   loads its model once (one GPU per actor where the cluster has GPUs). Generators:
+   - `student`: the distilled scale-wise student (`distill` output, `load_student`), SWD.md section 3
+     sampler (`sample_scalewise`), no guidance;
+   - `teacher`: the teacher's Euler sampler on its own grid (`teacher_num_steps`, its scheduler's
+     shift) with classifier-free guidance `teacher_guidance_scale` (`sample_teacher`);
+   - `baseline` (when the graph has a `distill_baseline` stage): the full-resolution few-step student.
+   Every generator produces images at the student's final scale.
+3. Scoring with Ray Data (`ScoreActor` pool, models loaded once per actor) over generated and
+   reference images: EfficientNet-Lite0 features for the Frechet distance (`pipeline/metrics.py`),
+   CLIP score (`clip_model`), Inception features for FID (`inception_weights`). Prompt adherence by
+   the shapes oracle in the driver (per attribute and overall = every attribute right).
+4. Latency: one Ray task per generator, on the same resources as a generation actor, one after the
+   other: `latency_warmup_batches` untimed then `latency_repeats` timed calls of `batch_size` prompts
+   (text encoding + sampling + VAE decode); seconds per image = median / batch size; speedups from
+   it. The student's task also renders the per-scale progression strip.
+5. Outputs, all logged to the stage's MLflow run: `metrics.json` (canonical metrics, eval set),
+   `report.md` (comparison table), `samples.png` (prompts x [data, student, teacher, baseline]),
+   `progression.png` (the student's clean estimate after each scale). The canonical metrics go to
+   `ctx.summary["parent_metrics"]`, which `pipeline/run.py` mirrors onto the pipeline's parent run.
+
+The distill stage's export is read in one place, `load_student`: `<distill output>/student/` (a
+diffusers / PEFT LoRA directory from `pipeline.swd.networks.save_student`, or a full transformer) and
+`<distill output>/schedule.json` ({"scales": [...], "sigmas": [...]}).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+import os
+import re
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from pipeline.context import StageContext
+
+VERSION = "1"
+SECTIONS = ("evaluate", "teacher")
+METRICS_FILE = "metrics.json"
+REPORT_FILE = "report.md"
+GRID_FILE = "samples.png"
+STRIP_FILE = "progression.png"
+OUTPUTS = (METRICS_FILE, REPORT_FILE, GRID_FILE, STRIP_FILE)
+METRICS_VERSION = "1"  # of the metric definitions below; part of the eval-set fingerprint
+
+# The distill stage's export (the only place this module assumes its layout).
+STUDENT_DIR = "student"
+SCHEDULE_FILE = "schedule.json"
+LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
+
+GENERATORS = ("student", "teacher", "baseline")
+CANONICAL_METRICS = (
+    "student_fd", "teacher_fd", "baseline_fd",
+    "student_adherence", "teacher_adherence", "baseline_adherence",
+    "student_latency_s", "teacher_latency_s", "baseline_latency_s",
+    "speedup_vs_teacher", "speedup_vs_baseline",
+)
+# Metrics the register stage may promote on, and which way is better.
+HIGHER_IS_BETTER = {f"{g}_{m}": True for g in GENERATORS for m in ("adherence", "clip_score")}
+HIGHER_IS_BETTER |= {f"{g}_{m}": False for g in GENERATORS for m in ("fd", "fid", "latency_s")}
+HIGHER_IS_BETTER |= {"speedup_vs_teacher": True, "speedup_vs_baseline": True}
+
+
+class EvaluateError(ValueError):
+    """Evaluation input that cannot be used: says what was given and what was expected."""
+
+
+class Config(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+    max_prompts: int | None = Field(None, ge=1)  # null: every eval sample
+    seed: int = 0
+    batch_size: int = Field(32, ge=1)  # prompts per generation call, and per timed latency call
+    num_actors: int = Field(1, ge=1)
+    num_cpus_per_actor: float = Field(2.0, gt=0)
+    num_gpus_per_actor: float | None = Field(None, ge=0)  # null: 1 when the Ray cluster has GPUs
+    teacher_num_steps: int = Field(28, ge=1)
+    teacher_guidance_scale: float = Field(3.0, ge=1.0)
+    adherence: Literal["auto", "on", "off"] = "auto"
+    fd_image_side_px: int = Field(224, ge=32)
+    score_batch_size: int = Field(64, ge=1)
+    clip_model: str | None = None
+    clip_optional: bool = False
+    inception_weights: str | None = None
+    inception_optional: bool = False
+    latency_warmup_batches: int = Field(1, ge=0)
+    latency_repeats: int = Field(5, ge=1)
+    grid_prompts: int = Field(8, ge=1)
+
+    @field_validator("clip_model", "inception_weights")
+    @classmethod
+    def _not_empty(cls, v: str | None, info) -> str | None:
+        if v is not None and not v.strip():
+            raise ValueError(f"evaluate.{info.field_name}: empty string; give a path (or hub id) or null")
+        return v
+
+
+def external_fingerprint(sections: dict) -> list:
+    """A local Inception weights file (size, mtime) joins the fingerprint; a CLIP directory by path."""
+    cfg: Config = sections["evaluate"]
+    out: list = []
+    if cfg.inception_weights:
+        p = Path(os.path.expanduser(cfg.inception_weights))
+        out.append([str(p), p.stat().st_size, p.stat().st_mtime_ns] if p.is_file() else [str(p), "missing"])
+    return out
+
+
+# ----------------------------------------------------------------------------- stage
+
+
+def run(ctx: StageContext) -> None:
+    import mlflow
+    import numpy as np
+    import ray
+
+    from pipeline import metrics as M
+    from pipeline.data import shard_urls
+    from pipeline.teacher import bundle_location, resolve_pretrained
+
+    cfg: Config = ctx.config
+    teacher_cfg = ctx.sections["teacher"]
+    mlc = mlflow.MlflowClient(ctx.tracking_uri)
+    started = time.monotonic()
+
+    # Optional metrics: a missing path is an error, or a warning and the metric skipped.
+    clip_model = _optional(cfg.clip_model, cfg.clip_optional, "clip_model", M.resolve_clip)
+    inception = _optional(cfg.inception_weights, cfg.inception_optional, "inception_weights",
+                          M.check_inception_weights)
+
+    # 1. the eval set
+    urls = shard_urls(ctx.inputs["shards"], "eval")
+    samples = read_eval_samples(urls, cfg.max_prompts)
+    prompts = [s["prompt"] for s in samples]
+    targets = adherence_targets(samples, cfg.adherence)
+
+    gpus = cfg.num_gpus_per_actor
+    if gpus is None:
+        gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+    device = "cuda" if gpus > 0 else "cpu"
+    if teacher_cfg.dtype == "float16" and device == "cpu":
+        raise EvaluateError("teacher.dtype 'float16': the evaluate actors run on the CPU here (no GPU in the Ray "
+                            "cluster, or evaluate.num_gpus_per_actor=0), where float16 is not supported; use "
+                            "float32 or bfloat16, or give the actors GPUs")
+    location = str(resolve_pretrained(bundle_location(ctx.inputs["teacher"]), teacher_cfg.local_files_only))
+    common = dict(location=location, dtype=teacher_cfg.dtype, device=device, load_t5=teacher_cfg.load_t5,
+                  local_files_only=teacher_cfg.local_files_only, num_threads=max(1, int(cfg.num_cpus_per_actor)))
+    student_schedule = read_schedule(ctx.inputs["distill"])
+    specs = {"student": GeneratorSpec(name="student", student_dir=str(ctx.inputs["distill"]), **common),
+             "teacher": GeneratorSpec(name="teacher", teacher_num_steps=cfg.teacher_num_steps,
+                                      guidance_scale=cfg.teacher_guidance_scale,
+                                      latent_side=student_schedule["scales"][-1], **common)}
+    if ctx.inputs.get("distill_baseline") is not None:
+        specs["baseline"] = GeneratorSpec(name="baseline", student_dir=str(ctx.inputs["distill_baseline"]), **common)
+    print(f"[evaluate] {len(prompts)} eval prompts from {len(urls)} shard(s); generators {', '.join(specs)}; "
+          f"{cfg.num_actors} actor(s) x ({cfg.num_cpus_per_actor} CPU, {gpus} GPU) on {device}", flush=True)
+
+    # 2. generation (Ray Data), the same chunks and seeds for every generator
+    chunks = make_chunks(prompts, cfg.batch_size, cfg.seed)
+    images: dict[str, np.ndarray] = {}
+    gen_s: dict[str, float] = {}
+    for name, spec in specs.items():
+        t0 = time.monotonic()
+        images[name] = generate(chunks, spec, cfg, gpus)
+        gen_s[name] = time.monotonic() - t0
+        print(f"[evaluate] {name}: {len(images[name])} images {images[name].shape[1:3]} in {gen_s[name]:.1f} s",
+              flush=True)
+    side = images["student"].shape[1]
+    images["data"] = np.stack([decode_reference(s["image"], side) for s in samples])
+
+    # 3. scores (Ray Data) and adherence
+    score_spec = ScoreSpec(device=device, fd_image_side_px=cfg.fd_image_side_px, clip_model=clip_model,
+                           inception_weights=str(inception) if inception else None,
+                           num_threads=max(1, int(cfg.num_cpus_per_actor)))
+    t0 = time.monotonic()
+    scores = score(images, prompts, score_spec, cfg, gpus)
+    score_s = time.monotonic() - t0
+    values: dict[str, float] = {}
+    for name in specs:
+        values[f"{name}_fd"] = M.frechet_distance_of(scores[name]["fd"], scores["data"]["fd"])
+        values[f"{name}_fd_{M.FD_EXTRACTOR}"] = values[f"{name}_fd"]
+        if "fid" in scores["data"]:
+            values[f"{name}_fid"] = M.frechet_distance_of(scores[name]["fid"], scores["data"]["fid"])
+        if "clip" in scores[name]:
+            values[f"{name}_clip_score"] = float(np.mean(scores[name]["clip"]))
+        if targets is not None:
+            acc = M.adherence(images[name], targets)
+            values[f"{name}_adherence"] = acc["all"]
+            values.update({f"{name}_adherence_{k}": v for k, v in acc.items() if k != "all"})
+    if targets is not None:  # the oracle on the reference images: the ceiling of adherence
+        acc = M.adherence(images["data"], targets)
+        values["data_adherence"] = acc["all"]
+    if "clip" in scores["data"]:
+        values["data_clip_score"] = float(np.mean(scores["data"]["clip"]))
+
+    # 4. latency, one generator at a time on the same resources
+    timing: dict[str, dict] = {}
+    strip = None
+    latency_prompts = [prompts[i % len(prompts)] for i in range(cfg.batch_size)]
+    for name, spec in specs.items():
+        result = measure_latency(spec, latency_prompts, cfg, gpus, strip_prompts=prompts[:min(4, len(prompts))]
+                                 if name == "student" else None)
+        timing[name] = result
+        values[f"{name}_latency_s"] = result["latency_s"]
+        values[f"{name}_sampling_latency_s"] = result["sampling_latency_s"]
+        if name == "student":
+            strip = result["strip"]
+        print(f"[evaluate] {name}: {result['latency_s'] * 1000:.2f} ms/image (sampling "
+              f"{result['sampling_latency_s'] * 1000:.2f} ms/image) at batch {cfg.batch_size}", flush=True)
+    values["speedup_vs_teacher"] = values["teacher_latency_s"] / values["student_latency_s"]
+    if "baseline" in specs:
+        values["speedup_vs_baseline"] = values["baseline_latency_s"] / values["student_latency_s"]
+
+    # 5. outputs
+    eval_set = eval_set_identity(samples, cfg, inception)
+    generators = {name: _describe(spec, timing[name], gen_s[name]) for name, spec in specs.items()}
+    record = {"metrics": values, "canonical": [k for k in CANONICAL_METRICS if k in values],
+              "eval_set": eval_set, "generators": generators, "fd_extractor": M.FD_EXTRACTOR,
+              "fd_image_side_px": cfg.fd_image_side_px, "image_side_px": side,
+              "clip_model": clip_model, "inception_weights": str(inception) if inception else None,
+              "score_s": round(score_s, 2)}
+    (ctx.output_dir / METRICS_FILE).write_text(json.dumps(record, indent=1) + "\n")
+    grid_rows = min(cfg.grid_prompts, len(prompts))
+    columns = ["data", *specs]
+    save_grid(ctx.output_dir / GRID_FILE, [images[c][:grid_rows] for c in columns], columns)
+    save_strip(ctx.output_dir / STRIP_FILE, strip, side)
+    (ctx.output_dir / REPORT_FILE).write_text(report(record, prompts[:grid_rows], targets is not None))
+
+    _log(mlc, ctx.run_id, values, {"fd_extractor": M.FD_EXTRACTOR, "eval_set_fingerprint": eval_set["fingerprint"],
+                                   "eval_num_prompts": str(len(prompts))})
+    mlc.log_metric(ctx.run_id, "evaluate_wall_s", time.monotonic() - started)
+    for name in OUTPUTS:
+        mlc.log_artifact(ctx.run_id, str(ctx.output_dir / name))
+    canonical = {k: values[k] for k in CANONICAL_METRICS if k in values}
+    ctx.summary.update({"parent_metrics": canonical, "eval_set_fingerprint": eval_set["fingerprint"],
+                        "num_prompts": len(prompts)})
+    print("[evaluate] " + ", ".join(f"{k} {v:.4g}" for k, v in canonical.items()), flush=True)
+
+
+def _optional(spec: str | None, optional: bool, key: str, check):
+    """A configured optional metric's resolved location, None when off; a missing one raises unless
+    the config marks it optional (then a warning, and the metric is skipped)."""
+    from pipeline.metrics import MetricError
+
+    if spec is None:
+        return None
+    try:
+        return check(spec)
+    except MetricError as e:
+        if not optional:
+            raise
+        warnings.warn(f"{e}; evaluate.{key.split('_')[0]}_optional is true: skipping that metric", stacklevel=2)
+        print(f"[evaluate] warning: {e} -- skipped (optional)", flush=True)
+        return None
+
+
+def _log(mlc, run_id: str, values: dict, tags: dict) -> None:
+    from mlflow.entities import Metric, RunTag
+
+    now = int(time.time() * 1000)
+    items = [Metric(k, float(v), now, 0) for k, v in values.items() if math.isfinite(v)]
+    for i in range(0, len(items), 500):
+        mlc.log_batch(run_id, metrics=items[i:i + 500])
+    mlc.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+
+
+def _describe(spec: "GeneratorSpec", timing: dict, generate_s: float) -> dict:
+    out = {"kind": "scalewise" if spec.student_dir else "teacher", "generate_s": round(generate_s, 2),
+           **{k: timing[k] for k in ("latency_s", "sampling_latency_s", "times_s", "num_forwards", "scales",
+                                      "sigmas", "guidance_scale")}}
+    if spec.student_dir:
+        out["source"] = spec.student_dir
+    return out
+
+
+# ----------------------------------------------------------------------------- step 1: the eval set
+
+
+def read_eval_samples(urls: list[str], max_prompts: int | None) -> list[dict]:
+    """The first `max_prompts` eval samples in shard order: key, prompt, image bytes, attributes (or None)."""
+    import webdataset as wds
+
+    if not urls:
+        raise EvaluateError("evaluate: no eval prompts: the shards stage lists no eval shard (data.eval_shards)")
+    samples: list[dict] = []
+    for sample in wds.WebDataset(urls, shardshuffle=False, empty_check=False):
+        key = next((k for k in ("png", "jpg", "jpeg", "webp") if k in sample), None)
+        where = f"sample {sample.get('__key__')!r} of {sample.get('__url__')!r}"
+        if "txt" not in sample or not sample["txt"].strip():
+            raise EvaluateError(f"evaluate: eval {where} has no prompt (txt member; members: {sorted(sample)})")
+        if key is None:
+            raise EvaluateError(f"evaluate: eval {where} has no png/jpg/webp image; the eval set's images are the "
+                                f"reference set of the Frechet distance (members: {sorted(sample)})")
+        samples.append({"key": sample["__key__"], "prompt": sample["txt"].decode().strip(), "image": sample[key],
+                        "attributes": json.loads(sample["json"]) if "json" in sample else None})
+        if max_prompts is not None and len(samples) >= max_prompts:
+            break
+    if not samples:
+        raise EvaluateError(f"evaluate: no eval prompts: the eval shards ({len(urls)}: {', '.join(urls[:3])}) hold "
+                            f"no samples")
+    if len(samples) < 2:
+        raise EvaluateError(f"evaluate: 1 eval prompt; the Frechet distance needs at least 2 (evaluate.max_prompts "
+                            f"and the eval shards decide how many are used)")
+    return samples
+
+
+def adherence_targets(samples: list[dict], mode: str) -> list | None:
+    """What each prompt asks for (shard json attributes, else the shapes grammar), or None when off.
+    `auto` skips adherence with a warning when some sample has neither; `on` makes that an error."""
+    from pipeline.oracle import ATTRIBUTE_NAMES, parse_prompt
+
+    if mode == "off":
+        return None
+    targets, missing = [], []
+    for s in samples:
+        attrs = s["attributes"]
+        if isinstance(attrs, dict) and all(k in attrs for k in ATTRIBUTE_NAMES):
+            targets.append({k: attrs[k] for k in ATTRIBUTE_NAMES})
+            continue
+        try:
+            targets.append(parse_prompt(s["prompt"]))
+        except ValueError:
+            missing.append(s["key"])
+    if not missing:
+        return targets
+    message = (f"{len(missing)} of {len(samples)} eval samples (e.g. {missing[:3]}) have no shapes attributes "
+               f"(json) and a prompt outside the shapes grammar, so the adherence oracle cannot score them")
+    if mode == "on":
+        raise EvaluateError(f"evaluate.adherence 'on': {message}; use 'auto' or 'off' for other data")
+    warnings.warn(f"evaluate.adherence 'auto': {message}; adherence metrics skipped", stacklevel=2)
+    print(f"[evaluate] warning: {message}; adherence metrics skipped", flush=True)
+    return None
+
+
+def decode_reference(data: bytes, side: int):
+    """A reference image as the generators' output size: RGB, centre crop to a square, bicubic resize."""
+    import numpy as np
+    from PIL import Image
+
+    image = Image.open(io.BytesIO(data)).convert("RGB")
+    s = min(image.size)
+    left, top = (image.width - s) // 2, (image.height - s) // 2
+    image = image.crop((left, top, left + s, top + s))
+    if image.size != (side, side):
+        image = image.resize((side, side), Image.BICUBIC)
+    return np.asarray(image)
+
+
+def eval_set_identity(samples: list[dict], cfg: Config, inception) -> dict:
+    """What makes two evaluations comparable: the samples, the seeds and chunking, the metric settings."""
+    h = hashlib.sha256()
+    for s in samples:
+        h.update(json.dumps([s["key"], s["prompt"], hashlib.sha256(s["image"]).hexdigest()]).encode())
+    settings = {"metrics_version": METRICS_VERSION, "seed": cfg.seed, "batch_size": cfg.batch_size,
+                "fd_image_side_px": cfg.fd_image_side_px, "clip_model": cfg.clip_model,
+                "inception_weights": external_fingerprint({"evaluate": cfg}) if inception else None,
+                "adherence": cfg.adherence}
+    h.update(json.dumps(settings, sort_keys=True).encode())
+    return {"fingerprint": h.hexdigest()[:16], "num_prompts": len(samples), **settings}
+
+
+def make_chunks(prompts: list[str], batch_size: int, seed: int) -> list[dict]:
+    """Fixed chunks of consecutive prompts, one seed each: the unit of generation for every generator,
+    so images do not depend on how Ray Data forms blocks."""
+    return [{"chunk": c, "index": list(range(i, min(i + batch_size, len(prompts)))),
+             "prompt": prompts[i:i + batch_size], "seed": chunk_seed(seed, c)}
+            for c, i in enumerate(range(0, len(prompts), batch_size))]
+
+
+def chunk_seed(seed: int, chunk: int) -> int:
+    return int.from_bytes(hashlib.sha256(f"evaluate/{seed}/{chunk}".encode()).digest()[:8], "little") & ((1 << 63) - 1)
+
+
+# ----------------------------------------------------------------------------- the student export
+
+
+def read_schedule(distill_output_dir: str | Path) -> dict:
+    """The scale-wise schedule the distill stage exported: {"scales": [...], "sigmas": [...]}."""
+    path = Path(distill_output_dir) / SCHEDULE_FILE
+    if not path.is_file():
+        raise EvaluateError(f"evaluate: {path} is missing: the distill output at {distill_output_dir} has no "
+                            f"exported schedule ({SCHEDULE_FILE})")
+    schedule = json.loads(path.read_text())
+    scales, sigmas = schedule.get("scales"), schedule.get("sigmas")
+    if not scales or not sigmas or len(sigmas) != len(scales) + 1:
+        raise EvaluateError(f"evaluate: {path}: expected scales (N latent sides) and sigmas (N + 1 values), got "
+                            f"scales={scales}, sigmas={sigmas}")
+    return {"scales": [int(s) for s in scales], "sigmas": [float(s) for s in sigmas]}
+
+
+def load_student(distill_output_dir: str | Path, bundle):
+    """(student transformer, schedule) from a distill output, on the bundle's device and dtype.
+
+    A LoRA export is loaded into `bundle.transformer` and fused into its weights (the LoRA layers
+    removed again), so the student runs at the cost of a plain transformer; the bundle's transformer
+    *is* the student afterwards. A full export is loaded as its own SD3Transformer2DModel."""
+    directory = Path(distill_output_dir) / STUDENT_DIR
+    schedule = read_schedule(distill_output_dir)
+    if (directory / LORA_WEIGHTS).is_file():
+        transformer = bundle.transformer
+        transformer.load_lora_adapter(str(directory), weight_name=LORA_WEIGHTS, adapter_name="student",
+                                      prefix="transformer")
+        transformer.fuse_lora(lora_scale=1.0)
+        transformer.unload_lora()  # keeps the fused weights, drops the LoRA layers
+    elif (directory / "config.json").is_file():
+        from diffusers import SD3Transformer2DModel
+
+        transformer = SD3Transformer2DModel.from_pretrained(directory, torch_dtype=bundle.dtype, use_safetensors=True,
+                                                            local_files_only=True).to(bundle.device)
+    else:
+        raise EvaluateError(f"evaluate: {directory} holds neither a LoRA export ({LORA_WEIGHTS}) nor a full "
+                            f"transformer (config.json); expected the distill stage's student export")
+    transformer.eval().requires_grad_(False)
+    return transformer, schedule
+
+
+# ----------------------------------------------------------------------------- generators
+
+
+@dataclass
+class GeneratorSpec:
+    """What a generation actor or latency task loads; picklable for Ray."""
+    name: str
+    location: str
+    dtype: str
+    device: str
+    load_t5: bool
+    local_files_only: bool
+    num_threads: int | None = 1  # torch threads on the CPU (None: leave torch's setting)
+    student_dir: str | None = None  # a distill output: scale-wise student; None: the teacher
+    teacher_num_steps: int = 28
+    guidance_scale: float = 1.0
+    latent_side: int | None = None  # the teacher's output latent side
+
+
+class Generator:
+    """A model loaded once: prompts and a seed -> uint8 images [B, H, W, 3]."""
+
+    def __init__(self, spec: GeneratorSpec, bundle=None):
+        import torch
+
+        from pipeline.swd.schedules import teacher_sigmas
+        from pipeline.teacher import load_bundle
+
+        if spec.device == "cpu" and spec.num_threads:
+            torch.set_num_threads(spec.num_threads)
+        self.spec = spec
+        self.bundle = bundle or load_bundle(spec.location, spec.dtype, spec.device, spec.local_files_only, spec.load_t5)
+        if spec.student_dir:
+            self.transformer, schedule = load_student(spec.student_dir, self.bundle)
+            self.scales, self.sigmas, self.guidance_scale = schedule["scales"], schedule["sigmas"], 1.0
+        else:
+            self.transformer = self.bundle.transformer
+            shift = float(self.bundle.scheduler.config.get("shift", 1.0))
+            self.sigmas = teacher_sigmas(spec.teacher_num_steps, shift)
+            self.scales = [spec.latent_side or int(self.transformer.config.sample_size)]
+            self.guidance_scale = spec.guidance_scale
+            self.uncond = self.encode([""])
+        self.num_forwards = (len(self.sigmas) - 1) * (1 if self.guidance_scale == 1.0 or spec.student_dir else 2)
+
+    def encode(self, prompts: list[str]):
+        import torch
+
+        from pipeline.swd.sampler import TextCond
+
+        with torch.inference_mode():
+            return TextCond(*self.bundle.encode_prompt(list(prompts)))
+
+    def sample(self, cond, seed: int, return_steps: bool = False):
+        """Latents [B, C, s, s] (and per-step clean estimates) for encoded prompts."""
+        import torch
+
+        from pipeline.swd.sampler import sample_scalewise, sample_teacher
+
+        generator = torch.Generator(self.bundle.device).manual_seed(seed)
+        with torch.inference_mode():
+            if self.spec.student_dir:
+                return sample_scalewise(self.transformer, cond, self.scales, self.sigmas, generator=generator,
+                                        return_steps=return_steps)
+            return sample_teacher(self.transformer, cond, self.uncond, self.sigmas, self.scales[-1],
+                                  guidance_scale=self.guidance_scale, generator=generator)
+
+    def decode(self, latents):
+        """Normalised latents -> uint8 [B, H, W, 3]."""
+        import torch
+
+        with torch.inference_mode():
+            pixels = self.bundle.decode_latents(latents)
+            return ((pixels.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+    def __call__(self, prompts: list[str], seed: int):
+        return self.decode(self.sample(self.encode(prompts), seed))
+
+    def progression(self, prompts: list[str], seed: int, side: int):
+        """uint8 [len(prompts), steps, side, side, 3]: each step's clean estimate, decoded and shown at `side`."""
+        import numpy as np
+        from PIL import Image
+
+        _, steps = self.sample(self.encode(prompts), seed, return_steps=True)
+        frames = []
+        for x0 in steps:
+            decoded = self.decode(x0)
+            frames.append(np.stack([np.asarray(Image.fromarray(im).resize((side, side), Image.NEAREST))
+                                    for im in decoded]))
+        return np.stack(frames, axis=1)
+
+    def sync(self) -> None:
+        import torch
+
+        if self.bundle.device.type == "cuda":
+            torch.cuda.synchronize(self.bundle.device)
+
+
+class GenerateActor:
+    """Ray Data callable class: one chunk row per call -> one output row per image."""
+
+    def __init__(self, spec: GeneratorSpec):
+        self.generator = Generator(spec)
+
+    def __call__(self, batch: dict) -> dict:
+        import numpy as np
+
+        index, prompts, images = [], [], []
+        for i in range(len(batch["chunk"])):
+            chunk_prompts = [str(p) for p in batch["prompt"][i]]
+            images.append(self.generator(chunk_prompts, int(batch["seed"][i])))
+            index += [int(j) for j in batch["index"][i]]
+            prompts += chunk_prompts
+        return {"index": np.asarray(index, dtype=np.int64), "prompt": np.asarray(prompts, dtype=object),
+                "image": np.concatenate(images)}
+
+
+def generate(chunks: list[dict], spec: GeneratorSpec, cfg: Config, gpus: float):
+    """Every chunk through a `GenerateActor` pool; images [N, H, W, 3] in prompt order."""
+    import numpy as np
+    import ray
+
+    ds = ray.data.from_items(chunks, override_num_blocks=len(chunks))
+    ds = ds.map_batches(GenerateActor, batch_size=1, batch_format="numpy", fn_constructor_kwargs={"spec": spec},
+                        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cfg.num_actors),
+                        num_cpus=cfg.num_cpus_per_actor, num_gpus=gpus)
+    rows = ds.take_all()
+    rows.sort(key=lambda r: int(r["index"]))
+    return np.stack([r["image"] for r in rows])
+
+
+def measure_latency(spec: GeneratorSpec, prompts: list[str], cfg: Config, gpus: float,
+                    strip_prompts: list[str] | None = None) -> dict:
+    import ray
+
+    task = ray.remote(num_cpus=cfg.num_cpus_per_actor, num_gpus=gpus,
+                      runtime_env={"env_vars": {"OMP_WAIT_POLICY": "PASSIVE"}})(_latency_task)
+    return ray.get(task.remote(spec, prompts, cfg.latency_warmup_batches, cfg.latency_repeats, strip_prompts))
+
+
+def _latency_task(spec: GeneratorSpec, prompts: list[str], num_warmup: int, num_repeats: int,
+                  strip_prompts: list[str] | None) -> dict:
+    """Seconds per image, end to end (text encoding + sampling + decode) and sampling alone."""
+    from pipeline.metrics import time_batches
+
+    gen = Generator(spec)
+    n = len(prompts)
+    full = time_batches(lambda: gen(prompts, 0), num_warmup, num_repeats, gen.sync)
+    cond = gen.encode(prompts)
+    sampling = time_batches(lambda: gen.sample(cond, 0), num_warmup, num_repeats, gen.sync)
+    strip = None
+    if strip_prompts:
+        side = gen(strip_prompts[:1], 0).shape[1]
+        strip = gen.progression(strip_prompts, 0, side)
+    return {"latency_s": full["median_s"] / n, "sampling_latency_s": sampling["median_s"] / n,
+            "times_s": [round(t, 5) for t in full["times_s"]], "batch_size": n, "num_forwards": gen.num_forwards,
+            "scales": gen.scales, "sigmas": [round(s, 5) for s in gen.sigmas],
+            "guidance_scale": gen.guidance_scale, "strip": strip}
+
+
+# ----------------------------------------------------------------------------- scoring
+
+
+@dataclass
+class ScoreSpec:
+    device: str
+    fd_image_side_px: int
+    clip_model: str | None
+    inception_weights: str | None
+    num_threads: int = 1
+
+
+class ScoreActor:
+    """Ray Data callable class: loads the feature extractors once; images -> features and scores."""
+
+    def __init__(self, spec: ScoreSpec):
+        import torch
+
+        from pipeline import metrics as M
+
+        if spec.device == "cpu":
+            torch.set_num_threads(spec.num_threads)
+        self.fd = M.EfficientNetFeatures(spec.device, spec.fd_image_side_px)
+        self.clip = M.ClipScorer(spec.clip_model, spec.device) if spec.clip_model else None
+        self.inception = M.InceptionFeatures(spec.inception_weights, spec.device) if spec.inception_weights else None
+
+    def __call__(self, batch: dict) -> dict:
+        images = batch["image"]
+        out = {"source": batch["source"], "index": batch["index"], "fd": self.fd(images)}
+        if self.clip is not None:
+            out["clip"] = self.clip(images, [str(p) for p in batch["prompt"]])
+        if self.inception is not None:
+            out["fid"] = self.inception(images)
+        return out
+
+
+def score(images: dict, prompts: list[str], spec: ScoreSpec, cfg: Config, gpus: float) -> dict:
+    """{source: {"fd": [N, 1280], "clip": [N], "fid": [N, 2048]}} for every image set (data and generators)."""
+    import numpy as np
+    import ray
+
+    items = [{"source": source, "index": i, "prompt": prompts[i], "image": im}
+             for source, ims in images.items() for i, im in enumerate(ims)]
+    ds = ray.data.from_items(items, override_num_blocks=max(1, math.ceil(len(items) / cfg.score_batch_size)))
+    ds = ds.map_batches(ScoreActor, batch_size=cfg.score_batch_size, batch_format="numpy",
+                        fn_constructor_kwargs={"spec": spec},
+                        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cfg.num_actors),
+                        num_cpus=cfg.num_cpus_per_actor, num_gpus=gpus)
+    rows = ds.take_all()
+    out: dict[str, dict] = {}
+    for source in images:
+        mine = sorted((r for r in rows if r["source"] == source), key=lambda r: int(r["index"]))
+        out[source] = {k: np.stack([np.asarray(r[k]) for r in mine]) for k in ("fd", "clip", "fid") if k in mine[0]}
+    return out
+
+
+# ----------------------------------------------------------------------------- artifacts
+
+
+def save_grid(path: Path, columns: list, labels: list[str]) -> None:
+    """Rows = prompts, columns = image sets (uint8 [rows, H, W, 3] each), a label above each column."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    rows, side = columns[0].shape[0], columns[0].shape[1]
+    header = 12
+    canvas = Image.new("RGB", (side * len(columns), header + side * rows), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    for c, (ims, label) in enumerate(zip(columns, labels)):
+        draw.text((c * side + 2, 0), label, fill=(0, 0, 0))
+        for r in range(rows):
+            canvas.paste(Image.fromarray(np.asarray(ims[r])), (c * side, header + r * side))
+    canvas.save(path)
+
+
+def save_strip(path: Path, strip, side: int) -> None:
+    """The student's clean estimate after each scale: rows = prompts, columns = steps."""
+    import numpy as np
+    from PIL import Image
+
+    if strip is None:
+        Image.new("RGB", (side, side)).save(path)
+        return
+    rows, steps = strip.shape[:2]
+    canvas = np.concatenate([np.concatenate(list(strip[r]), axis=1) for r in range(rows)], axis=0)
+    Image.fromarray(canvas).save(path)
+
+
+def report(record: dict, grid_prompts: list[str], with_adherence: bool) -> str:
+    """The Markdown report: the comparison table, how each number was measured, the grid's prompts."""
+    v, gens = record["metrics"], record["generators"]
+    es = record["eval_set"]
+
+    def f(key: str, fmt: str = "{:.4g}") -> str:
+        return fmt.format(v[key]) if key in v else "-"
+
+    cols = ["generator", "steps (forwards)", "latency s/img", "sampling s/img", "speedup (student vs)",
+            f"FD ({record['fd_extractor']})"]
+    if with_adherence:
+        cols += ["adherence (all)", "all three", "colour", "position", "shape", "size", "background"]
+    if any(k.endswith("_clip_score") for k in v):
+        cols.append("CLIP score")
+    if any(k.endswith("_fid") for k in v):
+        cols.append("FID (Inception)")
+    lines = [f"# Evaluation: student vs teacher" + (" vs baseline" if "baseline" in gens else ""), "",
+             f"{es['num_prompts']} eval prompts (eval set {es['fingerprint']}), seed {es['seed']}, images "
+             f"{record['image_side_px']} px, batch {es['batch_size']}.", "",
+             "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for name, g in gens.items():
+        speedup = "1" if name == "student" else f(f"speedup_vs_{name}", "{:.2f}x")
+        row = [name, f"{len(g['scales']) if g['kind'] == 'scalewise' else len(g['sigmas']) - 1} ({g['num_forwards']})",
+               f(f"{name}_latency_s", "{:.5f}"), f(f"{name}_sampling_latency_s", "{:.5f}"), speedup, f(f"{name}_fd")]
+        if with_adherence:
+            row += [f(f"{name}_adherence", "{:.3f}")] + [f(f"{name}_adherence_{a}", "{:.3f}") for a in
+                                                          ("all_three", "colour", "position", "shape", "size",
+                                                           "background")]
+        if "CLIP score" in cols:
+            row.append(f(f"{name}_clip_score"))
+        if "FID (Inception)" in cols:
+            row.append(f(f"{name}_fid"))
+        lines.append("| " + " | ".join(row) + " |")
+    if with_adherence:
+        lines += ["", f"Oracle adherence of the reference images themselves: {f('data_adherence', '{:.3f}')}."]
+    lines += ["", "## How each number is measured",
+              f"- FD: Frechet distance between Gaussians fitted to {record['fd_extractor']} features (ImageNet "
+              f"EfficientNet-Lite0, 1280-d pre-logit global average pool; images resized bicubic to "
+              f"{record['fd_image_side_px']} px, (x - 127) / 128) of each generator's images and of the eval "
+              f"set's reference images. Not FID: compare only with FDs of the same extractor, reference set and "
+              f"sample count.",
+              "- Adherence: the shapes oracle (pipeline/oracle.py) reads colour, position, shape, size and "
+              "background back from each image; 'all' = every attribute of the prompt right.",
+              "- Latency: median over timed calls after warm-up, same resources and batch size for every "
+              "generator, divided by the batch size; end to end (text encoding + sampling + VAE decode); "
+              "'sampling' excludes text encoding and decoding.",
+              "- Speedup: teacher (or baseline) latency / student latency.", "",
+              "## Generators"]
+    for name, g in gens.items():
+        lines.append(f"- {name}: {g['kind']}, scales {g['scales']}, sigmas {g['sigmas']}, guidance "
+                     f"{g['guidance_scale']}; latency batch times {g['times_s']} s")
+    lines += ["", "## Sample grid prompts (rows of samples.png; columns: data, " + ", ".join(gens) + ")"]
+    lines += [f"{i + 1}. {p}" for i, p in enumerate(grid_prompts)]
+    return "\n".join(lines) + "\n"
