@@ -1,5 +1,6 @@
 """Entry point: `python pipeline/run.py [--config FILE ...] [--dry-run] [--only STAGES]
-[--force STAGES] [key.sub=value ...]`.
+[--force STAGES] [key.sub=value ...]`; `python pipeline/run.py compare [--last N]` compares recent
+runs (pipeline/compare.py).
 
 Steps: load and validate the config (all problems at once, exit 2) -> check the environment
 (shards, workdir; exit 2) -> plan the stage graph -> (--dry-run: print config and plan, stop) ->
@@ -34,6 +35,10 @@ EXIT_STAGE_FAILED = 1
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["compare"]:  # `compare [--last N]`: recent runs' config differences and metrics
+        from pipeline import compare
+
+        return compare.main(argv[1:])
     args = _parse_args(argv)
     stages = graph.default_stages()
     try:
@@ -81,6 +86,7 @@ def run_stages(cfg: PipelineConfig, planned: list[graph.PlannedStage], uri: str,
             run_id = tracking.start_stage_run(mlc, exp_id, parent, p.name, p.fingerprint, params,
                                               cache_hit_of={**manifest, "output_dir": str(p.output_dir)})
             tracking.finish(mlc, run_id, "FINISHED")
+            _mirror_parent_metrics(mlc, parent, manifest)
             print(f"[pipeline] {p.name}: cached ({p.fingerprint}, produced by run {manifest.get('run_id')})", flush=True)
             outputs[p.name] = p.output_dir
             continue
@@ -99,12 +105,24 @@ def run_stages(cfg: PipelineConfig, planned: list[graph.PlannedStage], uri: str,
             return EXIT_STAGE_FAILED
         mlc.log_metric(run_id, "stage_wall_s", manifest["wall_s"])
         tracking.finish(mlc, run_id, "FINISHED")
+        _mirror_parent_metrics(mlc, parent, manifest)
         print(f"[pipeline] {p.name}: done in {manifest['wall_s']:.1f} s", flush=True)
         outputs[p.name] = p.output_dir
     mlc.log_metric(parent, "pipeline_wall_s", time.monotonic() - start)
     tracking.finish(mlc, parent, "FINISHED")
     print(f"[pipeline] finished in {time.monotonic() - start:.1f} s; MLflow run {parent}", flush=True)
     return 0
+
+
+def _mirror_parent_metrics(mlc, parent: str, manifest: dict) -> None:
+    """A stage's `summary["parent_metrics"]` (the evaluate stage's canonical metrics) go onto the
+    parent run, for a fresh and a cached stage alike, so the MLflow UI compares pipeline runs."""
+    values = (manifest.get("summary") or {}).get("parent_metrics") or {}
+    if values:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        mlc.log_batch(parent, metrics=[Metric(k, float(v), now, 0) for k, v in values.items()])
 
 
 def check_environment(cfg: PipelineConfig) -> None:
