@@ -127,7 +127,8 @@ def main(argv=None) -> int:
     print("\n| path | images | wall s | images/s end to end | images/s steady | steady / bare | "
           "end to end / bare | peak memory over base (GiB) |\n|---|---|---|---|---|---|---|---|")
     before, after = (f"{b['images_per_s']:.1f}" for b in bare_runs)
-    print(f"| bare forward (mean of {before} before, {after} after) | {bare['images'] * args.bare_repeats} | {bare['wall_s']:.1f} | {rate:.1f} | {rate:.1f} | 1.00 | 1.00 | |")
+    print(f"| bare forward (mean of {before} before, {after} after) | {bare['images'] * args.bare_repeats} | "
+          f"{bare['wall_s']:.1f} | {rate:.1f} | {rate:.1f} | 1.00 | 1.00 | |")
     for name, f in full.items():
         print(f"| full {name} | {f['rows']} | {f['wall_s']:.1f} | {f['images_per_s']:.1f} | "
               f"{f['steady_images_per_s']:.1f} | {f['steady_images_per_s'] / rate:.2f} | "

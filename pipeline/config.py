@@ -20,6 +20,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pipeline import shapes as dataset
 from pipeline.swd.config import SwdConfig
 from stages.cache import Config as CacheConfig
+from stages.evaluate import Config as EvaluateConfig
+from stages.register import Config as RegisterConfig
 from stages.teacher import Config as TeacherConfig
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -95,14 +97,6 @@ class DataConfig(Section):
 
 class DistillConfig(Section):
     """Filled by the distill stage's issue."""
-
-
-class EvaluateConfig(Section):
-    """Filled by the evaluate stage's issue."""
-
-
-class RegisterConfig(Section):
-    """Filled by the register stage's issue."""
 
 
 with warnings.catch_warnings():  # `register` is also ABCMeta.register; the field wins, as intended

@@ -725,14 +725,14 @@ def from_numpy(a, dtype: str):
 
 
 def image_tensor(data: bytes):
-    """Image bytes -> RGB, centre-cropped to a square, as float32 [1, 3, S, S] in [-1, 1]
-    (raises for bytes that are not an image)."""
+    """Image bytes -> upright (EXIF orientation) RGB, centre-cropped to a square, as float32
+    [1, 3, S, S] in [-1, 1] (raises for bytes that are not an image)."""
     import numpy as np
     import torch
-    from PIL import Image
+    from PIL import Image, ImageOps
 
     with Image.open(io.BytesIO(data)) as image:
-        image = image.convert("RGB")
+        image = ImageOps.exif_transpose(image).convert("RGB")  # camera JPEGs: upright, as diffusers' scripts do
     side = min(image.size)
     left, top = (image.width - side) // 2, (image.height - side) // 2
     if image.size != (side, side):

@@ -429,6 +429,46 @@ def test_posterior_sample_is_seeded_per_key_not_per_batch(bundle):
     torch.testing.assert_close(alone, (dist.mean + dist.std * eps - SHIFT) * SCALING)
 
 
+def test_bfloat16_teacher_carries_pixels_as_bits_and_matches_float32(bundle, tmp_path):
+    """teacher.dtype=bfloat16 (the GPU setting): decoded pixels travel as int16 bits, the encoders
+    see exactly the bf16 pixels a direct encode would, results match float32 to bf16 precision."""
+    import pyarrow as pa
+
+    path = good_shard(tmp_path / "g.tar", "g", 3)
+    rows = [r for chunk, _ in cache.read_shard(str(path), "k") for r in chunk]
+    table = pa.Table.from_pylist(rows, schema=cache.sample_schema())
+    scales = SwdConfig().schedule.scales
+    out = {}
+    for dtype in ("float32", "bfloat16"):
+        spec = cache.EncoderSpec(location=str(bundle), dtype=dtype, device="cpu", load_t5=True, local_files_only=True,
+                                 posterior="mode", seed=0, storage_dtype=dtype, scales=scales, vae_scale_factor=4)
+        decoded = cache.decode_images(table, spec)
+        assert decoded["pixels_3"].dtype == (np.int16 if dtype == "bfloat16" else np.float32)
+        out[dtype] = cache.TeacherEncoder(spec).forward(decoded)
+    pixels32 = cache.decode_images(table, cache.EncoderSpec(**{**spec.__dict__, "dtype": "float32"}))["pixels_2"]
+    assert torch.equal(cache.from_numpy(decoded["pixels_2"], "bfloat16"),
+                       torch.from_numpy(pixels32).to(torch.bfloat16))
+    for name, value in out["bfloat16"].items():
+        assert value.dtype == torch.bfloat16
+        torch.testing.assert_close(value.float(), out["float32"][name], atol=0.1, rtol=0.05)
+
+
+def test_images_are_upright_rgb_centre_crops():
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (40, 64, 3), dtype=np.uint8)  # h 40, w 64
+    exif = Image.Exif()
+    exif[0x0112] = 6  # EXIF orientation: rotate 90 clockwise to display
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, format="PNG", exif=exif)
+    upright = np.rot90(pixels, k=-1)  # h 64, w 40 -> centre crop rows 12..52
+    x = cache.image_tensor(out.getvalue())
+    expected = torch.from_numpy(upright[12:52].copy()).permute(2, 0, 1)[None].float() / 127.5 - 1
+    assert x.shape == (1, 3, 40, 40) and torch.equal(x, expected)
+    grey = io.BytesIO()
+    Image.fromarray(pixels[:, :, 0]).convert("LA").save(grey, format="PNG")  # grey + alpha -> RGB
+    assert cache.image_tensor(grey.getvalue()).shape == (1, 3, 40, 40)
+
+
 def _png(seed: int) -> bytes:
     return image_bytes(64, 64, seed)
 
