@@ -3,7 +3,7 @@
 Steps:
 1. Read the `evaluate` output (`metrics.json`): the candidate's value of `register.metric` and the
    eval-set fingerprint. A metric the evaluation did not produce is an error, before anything is logged.
-2. Save the student as an MLflow pyfunc model ("models from code": `StudentModel`, no pickled
+2. Save the student as an MLflow pyfunc model ("models from code": `student_model()`, no pickled
    Python objects; weights stay safetensors): artifacts = the distill export (`student/` LoRA
    directory + `schedule.json`) and the teacher bundle (copied when `copy_teacher`, otherwise its
    location / hub id goes into the model config). `predict` takes prompts (a DataFrame column
@@ -29,6 +29,7 @@ import math
 import shutil
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Literal
 
@@ -49,9 +50,9 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 _MODEL_CODE = '''"""MLflow models-from-code entry of the SwD student (written by stages/register.py)."""
 import mlflow
 
-from stages.register import StudentModel
+from stages.register import student_model
 
-mlflow.models.set_model(StudentModel())
+mlflow.models.set_model(student_model())
 '''
 
 
@@ -69,6 +70,15 @@ class Config(BaseModel):
     eval_set_mismatch: Literal["keep_champion", "promote"] = "keep_champion"
     copy_teacher: bool = True
     device: str = "cpu"
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        import re
+
+        if not re.fullmatch(r"cpu|cuda(:\d+)?", v):
+            raise ValueError(f"register.device {v!r} is not supported; valid: cpu, cuda, cuda:N")
+        return v
 
     @field_validator("metric")
     @classmethod
@@ -280,41 +290,43 @@ def pip_requirements() -> list[str]:
     return out
 
 
-try:
-    import mlflow.pyfunc as _pyfunc
+def student_model():
+    """The pyfunc model instance; its class is built here so that importing this module (the config
+    tree does) needs no MLflow."""
+    import mlflow.pyfunc
 
-    _PythonModel = _pyfunc.PythonModel
-except ImportError:  # pragma: no cover - mlflow is a dependency
-    _PythonModel = object
+    with warnings.catch_warnings():  # predict takes DataFrames, lists or strings: no type-hint validation
+        warnings.filterwarnings("ignore", message=".*type hints to the `predict` method")
 
+        class StudentModel(mlflow.pyfunc.PythonModel):
+            """pyfunc: prompts -> uint8 images [B, H, W, 3] from the SwD student (scale-wise sampler, no guidance)."""
 
-class StudentModel(_PythonModel):
-    """pyfunc: prompts -> uint8 images [B, H, W, 3] from the SwD student (scale-wise sampler, no guidance)."""
+            def load_context(self, context) -> None:
+                from stages.evaluate import Generator, GeneratorSpec
 
-    def load_context(self, context) -> None:
-        from stages.evaluate import Generator, GeneratorSpec
+                config = context.model_config or {}
+                location = context.artifacts.get("teacher") or config["teacher_location"]
+                spec = GeneratorSpec(name="student", location=location, dtype=config.get("dtype", "float32"),
+                                     device=config.get("device", "cpu"), load_t5=config.get("load_t5", True),
+                                     local_files_only=config.get("local_files_only", True), num_threads=None,
+                                     student_dir=context.artifacts["export"])
+                self.generator = Generator(spec)
 
-        config = context.model_config or {}
-        location = context.artifacts.get("teacher") or config["teacher_location"]
-        spec = GeneratorSpec(name="student", location=location, dtype=config.get("dtype", "float32"),
-                             device=config.get("device", "cpu"), load_t5=config.get("load_t5", True),
-                             local_files_only=config.get("local_files_only", True), num_threads=None,
-                             student_dir=context.artifacts["export"])
-        self.generator = Generator(spec)
+            def predict(self, context, model_input, params=None):
+                import numpy as np
+                import pandas as pd
 
-    def predict(self, context, model_input, params: dict | None = None):
-        import numpy as np
-        import pandas as pd
+                if isinstance(model_input, pd.DataFrame):
+                    if "prompt" not in model_input.columns:
+                        raise ValueError(f"expected a DataFrame with a 'prompt' column, got columns "
+                                         f"{list(model_input.columns)}")
+                    prompts = [str(p) for p in model_input["prompt"]]
+                elif isinstance(model_input, str):
+                    prompts = [model_input]
+                else:
+                    prompts = [str(p) for p in model_input]
+                if not prompts:
+                    return np.zeros((0, 0, 0, 3), np.uint8)
+                return self.generator(prompts, int((params or {}).get("seed", 0)))
 
-        if isinstance(model_input, pd.DataFrame):
-            if "prompt" not in model_input.columns:
-                raise ValueError(f"expected a DataFrame with a 'prompt' column, got columns {list(model_input.columns)}")
-            prompts = [str(p) for p in model_input["prompt"]]
-        elif isinstance(model_input, str):
-            prompts = [model_input]
-        else:
-            prompts = [str(p) for p in model_input]
-        if not prompts:
-            return np.zeros((0, 0, 0, 3), np.uint8)
-        seed = int((params or {}).get("seed", 0))
-        return self.generator(prompts, seed)
+    return StudentModel()
