@@ -170,27 +170,10 @@ def run(ctx: StageContext) -> None:
         steady += [rate] if rate else []
     encode_s = time.monotonic() - started
 
-    # Assemble the output from every shard's committed record (reused and new alike).
-    listing, rejects = [], []
-    for s in shards:
-        record = None
-        if s.key and s.key not in failed and (shared / s.key / SHARD_FILE).is_file():
-            record = json.loads((shared / s.key / SHARD_FILE).read_text())
-        if record is None:
-            entry = failed.get(s.key) or {"url": s.url, "key": s.url, "reason": "unreadable_shard", "detail": s.error}
-            rejects.append(entry)
-            continue
-        listing.append({"url": s.url, "shard_key": s.key, "dir": str(shared / s.key / DATA_DIR),
-                        "rows": record["rows"], "rejects": len(record["rejects"]),
-                        "reused": s.key in done})
-        rejects += record["rejects"]
+    listing, rejects = assemble(shards, done, failed, shared)
     total_rows = sum(e["rows"] for e in listing)
     by_reason = {r: sum(1 for e in rejects if e["reason"] == r) for r in REASONS}
-    unreadable_shards = by_reason["unreadable_shard"]
-    # An unreadable shard stands for as many samples as a readable shard holds on average.
-    per_shard = max(1.0, (total_rows + len(rejects) - unreadable_shards) / max(1, len(listing)))
-    bad = len(rejects) - unreadable_shards + unreadable_shards * per_shard
-    bad_fraction = bad / max(1.0, total_rows + bad)
+    bad_fraction = rejected_fraction(total_rows, rejects, len(listing))
 
     write_jsonl(ctx.output_dir / REJECTS_FILE, rejects)
     manifest = {
@@ -238,6 +221,33 @@ def run(ctx: StageContext) -> None:
             f"{cfg.max_bad_fraction} ({len(rejects)} rejects: {manifest['rejects_by_reason']}; rejected keys in "
             f"{REJECTS_FILE}, logged to MLflow run {ctx.run_id}). Fix or drop the bad shards, or raise "
             f"cache.max_bad_fraction; encoded shards stay cached and are not encoded again")
+
+
+def assemble(shards: list["Shard"], reused: set[str], failed: dict[str, dict], shared: Path
+             ) -> tuple[list[dict], list[dict]]:
+    """The output's shard list (committed shards, reused and new alike, in input order) and every
+    reject entry (the shards' own, plus one per shard that could not be read)."""
+    listing, rejects = [], []
+    for s in shards:
+        record_file = shared / s.key / SHARD_FILE if s.key else None
+        if record_file is None or s.key in failed or not record_file.is_file():
+            rejects.append(failed.get(s.key) or {"url": s.url, "key": s.url, "reason": "unreadable_shard",
+                                                 "detail": s.error or "not committed"})
+            continue
+        record = json.loads(record_file.read_text())
+        listing.append({"url": s.url, "shard_key": s.key, "dir": str(shared / s.key / DATA_DIR),
+                        "rows": record["rows"], "rejects": len(record["rejects"]), "reused": s.key in reused})
+        rejects += record["rejects"]
+    return listing, rejects
+
+
+def rejected_fraction(rows: int, rejects: list[dict], readable_shards: int) -> float:
+    """Rejected / (kept + rejected) samples. An unreadable shard counts as many samples as a
+    readable shard holds on average (at least 1); samples lost after a truncation are unknown."""
+    unreadable = sum(1 for e in rejects if e["reason"] == "unreadable_shard")
+    per_shard = max(1.0, (rows + len(rejects) - unreadable) / max(1, readable_shards))
+    bad = len(rejects) - unreadable + unreadable * per_shard
+    return bad / max(1.0, rows + bad)
 
 
 # ----------------------------------------------------------------------------- shard keys
@@ -390,6 +400,8 @@ def _commit_shard(shard: Shard, part: Path, shared: Path, rejects: list[dict]) -
         return json.loads((final / SHARD_FILE).read_text())["rows"]
     if final.exists():  # a killed commit
         shutil.rmtree(final)
+    for stale in shared.glob(f".tmp-{shard.key}-*"):  # staging left by a killed commit
+        shutil.rmtree(stale, ignore_errors=True)
     staging = shared / f".tmp-{shard.key}-{uuid.uuid4().hex[:8]}"
     staging.mkdir(parents=True)
     if part.is_dir():

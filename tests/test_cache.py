@@ -360,6 +360,14 @@ def test_all_rejected_fails_even_when_allowed(tmp_path, ray_local, bundle):
 # ----------------------------------------------------------------------------- without Ray
 
 
+def test_rejected_fraction_weighs_an_unreadable_shard_as_an_average_shard():
+    bad = [{"reason": "not_image"}] * 2
+    assert cache.rejected_fraction(98, bad, 2) == pytest.approx(0.02)
+    # 2 readable shards of 50 samples each; the unreadable third counts 50
+    assert cache.rejected_fraction(98, bad + [{"reason": "unreadable_shard"}], 2) == pytest.approx(52 / 150)
+    assert cache.rejected_fraction(0, [{"reason": "unreadable_shard"}], 0) == 1.0
+
+
 def test_tar_reader_keeps_every_good_sample_of_each_bad_shard(tmp_path):
     for name, spec in bad_shards(tmp_path).items():
         rows, rejects = [], []
