@@ -93,7 +93,8 @@ class Config(BaseModel):
     # Images per encoder call (every scale's two latents and the prompt embeddings of these images).
     batch_size: int = Field(32, ge=1)
     num_cpus_per_encoder: float = Field(1.0, gt=0)
-    # null: 1 when the Ray cluster has GPUs (the encoders then run on cuda), else 0 (cpu).
+    # null: 1 when the Ray cluster has GPUs, else 0. An encoder runs on cuda exactly when it has a
+    # GPU (teacher.device is not used here); teacher.dtype and teacher.load_t5 are.
     num_gpus_per_encoder: float | None = Field(None, ge=0)
     # CPUs of each read / decode task, and images per decode call.
     num_cpus_per_decoder: float = Field(1.0, gt=0)
