@@ -18,6 +18,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from pipeline import shapes as dataset
+from pipeline.schedule import Config as ScheduleConfig
 from pipeline.swd.config import SwdConfig
 from stages.cache import Config as CacheConfig
 from stages.evaluate import Config as EvaluateConfig
@@ -113,6 +114,7 @@ with warnings.catch_warnings():  # `register` is also ABCMeta.register; the fiel
         distill: DistillConfig = DistillConfig()
         evaluate: EvaluateConfig = EvaluateConfig()
         register: RegisterConfig = RegisterConfig()
+        schedule: ScheduleConfig = ScheduleConfig()
 
 
 # ----------------------------------------------------------------------------- loading

@@ -1,4 +1,4 @@
-"""Entry point: `python pipeline/run.py [--config FILE ...] [--dry-run] [--only STAGES]
+"""Entry point: `python pipeline/run.py [--config FILE ...] [--dry-run] [--only STAGES] [--schedule-slot SLOT]
 [--force STAGES] [key.sub=value ...]`; `python pipeline/run.py compare [--last N]` compares recent
 runs (pipeline/compare.py).
 
@@ -24,7 +24,7 @@ import time
 import traceback
 
 from pipeline import config as config_mod
-from pipeline import graph, tracking
+from pipeline import graph, schedule, tracking
 from pipeline.config import REPO_ROOT, ConfigError, PipelineConfig
 from pipeline.data import ShardError, expand_shards
 
@@ -45,7 +45,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = config_mod.load_config(args.config, args.overrides)
         check_environment(cfg)
         planned = graph.plan(cfg, stages, only=_names(args.only), force=_names(args.force))
-    except (ConfigError, graph.PlanError) as e:
+        slot = schedule.resolve_slot(args.schedule_slot, cfg.schedule.slot_s) if args.schedule_slot else None
+    except (ConfigError, graph.PlanError, schedule.ScheduleError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_CONFIG
 
@@ -54,6 +55,8 @@ def main(argv: list[str] | None = None) -> int:
         print(config_mod.to_yaml(cfg))
         print("# stage plan (workdir: %s)" % cfg.workdir)
         print(graph.describe_plan(planned))
+        if slot is not None:
+            print(schedule.describe(cfg, slot))
         return 0
 
     uri = tracking.tracking_uri(cfg)
@@ -63,15 +66,21 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_TRACKING
 
+    if slot is not None:  # scheduled retraining: idempotent slot, lease, new shards, warm start
+        return schedule.run_scheduled(cfg, slot, uri, argv, init_ray=init_ray, run_stages=run_stages,
+                                      plan=lambda c: graph.plan(c, stages, only=_names(args.only), force=_names(args.force)))
     if any(p.action == "run" for p in planned):  # a fully cached rerun needs no Ray
         init_ray(cfg)
     return run_stages(cfg, planned, uri, argv)
 
 
-def run_stages(cfg: PipelineConfig, planned: list[graph.PlannedStage], uri: str, argv: list[str]) -> int:
+def run_stages(cfg: PipelineConfig, planned: list[graph.PlannedStage], uri: str, argv: list[str],
+               tags: dict[str, str] | None = None) -> int:
     mlc = tracking.client(uri)
     exp_id = tracking.ensure_experiment(mlc, cfg.tracking.experiment, tracking.artifact_location(cfg, uri))
     parent = tracking.start_parent_run(mlc, exp_id, cfg, argv, [p.name for p in planned])
+    for key, value in (tags or {}).items():  # e.g. schedule.slot of a scheduled run
+        mlc.set_tag(parent, key, value)
     print(f"[pipeline] MLflow run {parent} (experiment {cfg.tracking.experiment!r}, {uri})", flush=True)
     outputs: dict[str, Path] = {}
     start = time.monotonic()
@@ -181,6 +190,9 @@ def _parse_args(argv: list[str]) -> argparse.Namespace:
                         help="comma-separated stages to run (their inputs must be committed)")
     parser.add_argument("--force", action="append", default=[], metavar="STAGES",
                         help="comma-separated stages to re-run even if cached")
+    parser.add_argument("--schedule-slot", metavar="SLOT",
+                        help="scheduled retraining: 'auto' (the current slot) or a slot name; a slot already done "
+                             "does nothing, an overlapping run does not train (pipeline/schedule.py)")
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value",
                         help="config overrides; values are YAML (10, 1e-4, [64,80], null)")
     return parser.parse_args(argv)
