@@ -21,6 +21,7 @@ from pipeline import shapes as dataset
 from pipeline.schedule import Config as ScheduleConfig
 from pipeline.swd.config import SwdConfig
 from stages.cache import Config as CacheConfig
+from stages.distill import Config as DistillConfig
 from stages.evaluate import Config as EvaluateConfig
 from stages.register import Config as RegisterConfig
 from stages.teacher import Config as TeacherConfig
@@ -94,10 +95,6 @@ class DataConfig(Section):
     train_shards: str | list[str] | None = None
     eval_shards: str | list[str] | None = None
     generator: GeneratorConfig = GeneratorConfig()
-
-
-class DistillConfig(Section):
-    """Filled by the distill stage's issue."""
 
 
 with warnings.catch_warnings():  # `register` is also ABCMeta.register; the field wins, as intended

@@ -50,12 +50,13 @@ class StageSpec:
 
 
 def default_stages() -> list[StageSpec]:
-    from stages import cache, shards, teacher
+    from stages import cache, distill, shards, teacher
 
     return [
         StageSpec("shards", shards),
         StageSpec("teacher", teacher, inputs=("shards",)),
         StageSpec("cache", cache, inputs=("shards", "teacher")),
+        StageSpec("distill", distill, inputs=("cache", "teacher")),
     ]
 
 

@@ -148,7 +148,8 @@ def stages():
     t = teacher_stage
     module = types.SimpleNamespace(VERSION=t.VERSION, SECTIONS=t.SECTIONS, OUTPUTS=(t.TEACHER_FILE,), run=t.run,
                                    external_fingerprint=t.external_fingerprint)
-    return [graph.StageSpec(s.name, module, s.inputs) if s.name == "teacher" else s for s in graph.default_stages()]
+    upstream = [s for s in graph.default_stages() if s.name in ("shards", "teacher", "cache")]  # up to the cache
+    return [graph.StageSpec(s.name, module, s.inputs) if s.name == "teacher" else s for s in upstream]
 
 
 def run_graph(root: Path, bundle: Path, *overrides: str) -> graph.PlannedStage:

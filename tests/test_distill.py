@@ -1,0 +1,304 @@
+"""The `distill` stage: Ray Train (V2) + DeepSpeed on the CPU (gloo) with the tiny bundle and a small
+synthetic latent cache. 2-worker runs under ZeRO 0, 2 and 3; resume from a checkpoint with equal
+weights; a SIGKILLed worker; the non-finite guard; the export in stock diffusers; the cache check."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import mlflow
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from pipeline import tiny
+from pipeline.config import ConfigError, load_config
+from pipeline.context import StageContext
+from stages import cache, distill
+
+# Small everywhere: LoRA rank 4, batch 2, one fake update per step, metrics every step.
+FAST = ["swd.student.lora_rank=4", "swd.fake.lora_rank=4", "swd.student.lora_alpha=4", "swd.fake.lora_alpha=4",
+        "distill.batch_size_per_worker=2", "distill.fake_updates_per_step=1", "distill.log_every=1",
+        "distill.sample_every=2", "distill.checkpoint_every=2", "distill.shuffle_buffer_rows=0",
+        "distill.lr=1e-3", "distill.fake_lr=1e-3"]
+TWO_WORKERS = ["distill.num_workers=2", "distill.num_cpus_per_worker=0.5"]  # one CPU left for Ray Data
+BASELINE = ["swd.preset=null", "swd.scales=[16,16,16,16]", "swd.boundaries=[0,7,14,18]"]
+LOSS_KEYS = ("loss/generator_total", "loss/dmd", "loss/gan_g", "loss/mmd", "loss/fake_total", "loss/fake_diffusion")
+CACHE_ROWS = 24
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+def make_cache(root: Path, bundle_dir: Path, rows: int, scales: list[int]) -> Path:
+    """A committed-looking cache output: real prompt embeddings of the bundle, random latents."""
+    from pipeline.teacher import load_bundle
+
+    loaded = load_bundle(bundle_dir)
+    prompts = [f"a {c} {s} in the top left on a black background"
+               for c, s in zip(["red", "green", "blue"] * rows, ["circle", "square"] * rows)][:rows]
+    with torch.no_grad():
+        prompt_embeds, pooled = loaded.encode_prompt(prompts)
+    g = torch.Generator().manual_seed(0)
+    tensors = {"prompt_embeds": prompt_embeds, "pooled_prompt_embeds": pooled}
+    for i, side in enumerate(scales):
+        prev = scales[max(i - 1, 0)]
+        tensors[f"z_{i}"] = torch.randn(rows, 4, side, side, generator=g)
+        tensors[f"z_im1_{i}"] = torch.randn(rows, 4, prev, prev, generator=g)
+    data = root / "data"
+    data.mkdir(parents=True)
+    table = cache.rows_table([f"k{i:04d}" for i in range(rows)], prompts, ["shard0"] * rows, tensors,
+                             cache.tensor_names(len(scales)))
+    pq.write_table(table, data / "part-0.parquet")
+    (root / cache.CACHE_FILE).write_text(json.dumps({
+        "scales": scales, "vae_scale_factor": 4, "shards": [{"dir": str(data), "rows": rows}],
+        "rejects_by_reason": {}}))
+    return root
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory) -> Path:
+    return tiny.build_bundle(tmp_path_factory.mktemp("bundle") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory, bundle) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("inputs")
+    teacher = root / "teacher"
+    teacher.mkdir()
+    (teacher / "teacher.json").write_text(json.dumps({"source": "pretrained", "location": str(bundle)}))
+    return {"cache": make_cache(root / "cache", bundle, CACHE_ROWS, [8, 10, 12, 16]), "teacher": teacher}
+
+
+def stage_context(root: Path, inputs: dict[str, Path], overrides: list[str], fingerprint: str = "f") -> StageContext:
+    cfg = load_config(overrides=overrides)
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    mlc = mlflow.MlflowClient(uri)
+    exp = mlc.get_experiment_by_name("distill-test")
+    exp_id = exp.experiment_id if exp else mlc.create_experiment("distill-test", (root / "art").as_uri())
+    out = root / f"out-{uuid.uuid4().hex[:6]}"
+    out.mkdir(parents=True)
+    scratch = root / f"scratch-{fingerprint}"
+    scratch.mkdir(exist_ok=True)
+    return StageContext(name="distill", config=cfg.distill,
+                        sections={"distill": cfg.distill, "swd": cfg.swd, "teacher": cfg.teacher},
+                        inputs=inputs, output_dir=out, scratch_dir=scratch, shared_dir=root, tracking_uri=uri,
+                        run_id=mlc.create_run(exp_id).info.run_id, fingerprint=fingerprint)
+
+
+def run_stage(ctx: StageContext, hooks: dict | None = None) -> StageContext:
+    os.environ[distill.HOOKS_ENV] = json.dumps(hooks or {})
+    try:
+        distill.run(ctx)
+    finally:
+        os.environ.pop(distill.HOOKS_ENV, None)
+    return ctx
+
+
+def history(ctx: StageContext, key: str) -> list:
+    return mlflow.MlflowClient(ctx.tracking_uri).get_metric_history(ctx.run_id, key)
+
+
+def all_metric_keys(ctx: StageContext) -> list[str]:
+    return list(mlflow.MlflowClient(ctx.tracking_uri).get_run(ctx.run_id).data.metrics)
+
+
+def checkpoints(ctx: StageContext) -> list[str]:
+    return sorted(p.name for p in (Path(ctx.scratch_dir) / "ray_train" / f"distill-{ctx.fingerprint}").glob("checkpoint_*"))
+
+
+def assert_finite_losses(ctx: StageContext, keys=LOSS_KEYS) -> None:
+    for key in keys:
+        values = [m.value for m in history(ctx, key)]
+        assert values and all(math.isfinite(v) for v in values), (key, values)
+
+
+def load_safetensors(path: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+# ----------------------------------------------------------------------------- no Ray
+
+
+def test_cache_columns_map_the_schedule_and_name_what_is_missing():
+    assert distill.cache_columns([8, 10, 12, 16], [8, 10, 12, 16]) == [
+        ("z_0", "z_0"), ("z_1", "z_im1_1"), ("z_2", "z_im1_2"), ("z_3", "z_im1_3")]
+    # The full-resolution baseline reads the largest scale of a scale-wise cache; z_im1 is z itself.
+    assert distill.cache_columns([16, 16, 16, 16], [8, 10, 12, 16]) == [("z_3", "z_3")] * 4
+    with pytest.raises(ValueError, match=r"holds scales \[8, 10, 12, 16\].*swd scales \[8, 12\].*step 1: side 12 "
+                                         r"after 8.*re-run the cache stage"):
+        distill.cache_columns([8, 12], [8, 10, 12, 16])
+
+
+def test_stage_refuses_a_cache_without_the_schedules_scales(tmp_path, inputs):
+    ctx = stage_context(tmp_path, inputs, ["swd.preset=null", "swd.scales=[6,14]", "swd.boundaries=[0,14]"])
+    with pytest.raises(ValueError, match=r"lack what swd scales \[6, 14\] need \(step 0: side 6; step 1: side 14"):
+        distill.run(ctx)
+
+
+def test_config_defaults_follow_swd_md_and_bf16_needs_a_gpu():
+    cfg = distill.Config()
+    ds = distill.ds_config(cfg, cfg.lr, world_size=2, bf16=False)
+    assert ds["optimizer"] == {"type": "AdamW", "params": {"lr": 5e-6, "betas": [0.9, 0.999], "eps": 1e-8,
+                                                           "weight_decay": 0.01, "torch_adam": True}}
+    assert ds["gradient_clipping"] == 10.0 and ds["zero_optimization"] == {"stage": 2}
+    assert cfg.fake_updates_per_step == 5
+    with pytest.raises(ConfigError, match=r"distill.precision: 'bf16' needs distill.use_gpu=true"):
+        load_config(overrides=["distill.precision=bf16"])
+    with pytest.raises(ConfigError, match=r"distill.zero_stage: 4 is invalid"):
+        load_config(overrides=["distill.zero_stage=4"])
+
+
+# ----------------------------------------------------------------------------- 2 workers, ZeRO stages
+
+
+@pytest.mark.parametrize("zero_stage,schedule", [(0, BASELINE), (3, [])], ids=["zero0-baseline", "zero3-swd"])
+def test_two_workers_finish_with_finite_losses(tmp_path, ray_local, inputs, zero_stage, schedule):
+    ctx = stage_context(tmp_path, inputs, [*FAST, *TWO_WORKERS, *schedule, f"distill.zero_stage={zero_stage}",
+                                           "distill.num_steps=2"])
+    run_stage(ctx)
+    summary = json.loads((ctx.output_dir / distill.SUMMARY_FILE).read_text())
+    assert summary["steps"] == 2 and summary["zero_stage"] == zero_stage and summary["num_workers"] == 2
+    assert_finite_losses(ctx)
+    assert (ctx.output_dir / distill.STUDENT_DIR / "pytorch_lora_weights.safetensors").is_file()
+    schedule_json = json.loads((ctx.output_dir / distill.SCHEDULE_FILE).read_text())
+    assert schedule_json["scales"] == ctx.sections["swd"].schedule.scales
+    grids = [a.path for a in mlflow.MlflowClient(ctx.tracking_uri).list_artifacts(ctx.run_id, "samples")]
+    assert "samples/samples_step000002.png" in grids
+
+
+# ----------------------------------------------------------------------------- fault tolerance
+
+
+def test_sigkilled_worker_resumes_from_the_last_checkpoint(tmp_path, ray_local, inputs):
+    """ZeRO-2, 2 workers: rank 1 is SIGKILLed after step 3; Ray Train restarts the group from the step-2
+    checkpoint; the run ends at exactly num_steps and MLflow holds every step once."""
+    pid_dir = tmp_path / "pids"
+    ctx = stage_context(tmp_path, inputs, [*FAST, *TWO_WORKERS, "distill.zero_stage=2", "distill.num_steps=6",
+                                           "distill.max_failures=1"])
+    killed: list[int] = []
+
+    def killer():
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            step_file = pid_dir / "rank1.step"
+            if step_file.is_file() and step_file.read_text().strip() and int(step_file.read_text()) >= 3:
+                pid = int((pid_dir / "rank1.pid").read_text())
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+                return
+            time.sleep(0.05)
+
+    thread = threading.Thread(target=killer, daemon=True)
+    thread.start()
+    run_stage(ctx, {"pid_dir": str(pid_dir), "step_delay_s": 1.0})
+    thread.join(timeout=5)
+    assert killed, "the worker was never killed"
+    assert int((pid_dir / "rank1.pid").read_text()) != killed[0]  # a new worker process took over
+    summary = json.loads((ctx.output_dir / distill.SUMMARY_FILE).read_text())
+    assert summary["steps"] == 6 and summary["attempts"] == 2
+    steps = [m.step for m in history(ctx, distill.PROGRESS_METRIC)]
+    assert sorted(steps) == [1, 2, 3, 4, 5, 6]
+    for key in all_metric_keys(ctx):
+        logged = [m.step for m in history(ctx, key)]
+        assert len(logged) == len(set(logged)), f"{key} logged a step twice: {sorted(logged)}"
+    assert_finite_losses(ctx)
+
+
+# ----------------------------------------------------------------------------- resume, export
+
+
+@pytest.fixture(scope="module")
+def resumed(tmp_path_factory, ray_local, inputs):
+    """1 worker, ZeRO-2, full SwD: the first run skips a NaN at step 3 and fails at step 5 (after the
+    step-4 checkpoint, no retries); the same config run again resumes at step 4 and finishes."""
+    root = tmp_path_factory.mktemp("resume")
+    overrides = [*FAST, "distill.num_steps=6", "distill.max_failures=0"]
+    dumps = root / "dumps"
+    first = stage_context(root, inputs, overrides, fingerprint="resume")
+    with pytest.raises(Exception, match="test hook: failing at step 5"):
+        run_stage(first, {"fail_at_step": 5, "nan_at_steps": [3], "dump_dir": str(dumps)})
+    kept = checkpoints(first)
+    second = run_stage(stage_context(root, inputs, overrides, fingerprint="resume"), {"dump_dir": str(dumps)})
+    return {"first": first, "second": second, "kept": kept, "dumps": dumps}
+
+
+def test_resume_continues_at_the_checkpointed_step_with_equal_weights(resumed):
+    assert resumed["kept"] == ["checkpoint_step00000002", "checkpoint_step00000004"]
+    saved = load_safetensors(resumed["dumps"] / "saved_step4.safetensors")
+    loaded = load_safetensors(resumed["dumps"] / "loaded_step4.safetensors")
+    assert saved.keys() == loaded.keys() and saved
+    for name in saved:
+        torch.testing.assert_close(loaded[name], saved[name], rtol=0, atol=0)
+    first, second = resumed["first"], resumed["second"]
+    assert [m.step for m in history(second, distill.PROGRESS_METRIC)] == [5, 6]  # only what it trained
+    assert sorted(m.step for m in history(first, distill.PROGRESS_METRIC)) == [1, 2, 3, 4, 5]
+    summary = json.loads((second.output_dir / distill.SUMMARY_FILE).read_text())
+    assert summary["steps"] == 6
+    assert summary["nonfinite_generator"] == 1  # step 3's NaN was skipped and counted, and the count resumed
+    skipped = history(first, "nonfinite/generator_skipped")
+    assert max(m.value for m in skipped) == 1 and min(m.step for m in skipped if m.value == 1) == 3
+    # The export is the final state: equal to the weights saved at step 6.
+    final = load_safetensors(resumed["dumps"] / "saved_step6.safetensors")
+    assert all(torch.isfinite(t).all() for t in final.values())
+
+
+def test_export_generates_with_stock_diffusers(resumed, bundle):
+    from diffusers import FlowMatchLCMScheduler
+
+    from pipeline.swd import TextCond, sample_scalewise
+    from pipeline.teacher import load_bundle
+
+    out = resumed["second"].output_dir
+    schedule = json.loads((out / distill.SCHEDULE_FILE).read_text())
+    recipe = schedule["diffusers"]
+    pipe = load_bundle(bundle).pipeline  # a stock StableDiffusion3Pipeline (from_pretrained)
+    pipe.load_lora_weights(str(out / schedule["student"]["dir"]), weight_name=schedule["student"]["weight_name"])
+    pipe.scheduler = FlowMatchLCMScheduler(**recipe["scheduler_kwargs"])
+    pipe.scheduler.set_scale_factors(**recipe["set_scale_factors"])
+    prompt = ["a red circle in the top left on a black background"] * 2
+    kwargs = {**recipe["call_kwargs"], "max_sequence_length": 0, "output_type": "latent"}
+    latents = pipe(prompt, generator=torch.Generator().manual_seed(3), **kwargs).images
+    assert latents.shape == (2, 4, 16, 16) and torch.isfinite(latents).all()
+    images = pipe(prompt, generator=torch.Generator().manual_seed(3), **{**kwargs, "output_type": "pil"}).images
+    assert images[0].size == (64, 64)
+    # The same as our scale-wise sampler on the exported student, from the same seed.
+    embeds, pooled = pipe.encode_prompt(prompt=prompt, prompt_2=None, prompt_3=None, do_classifier_free_guidance=False,
+                                        max_sequence_length=0)[::2]
+    ours = sample_scalewise(pipe.transformer, TextCond(embeds, pooled), schedule["scales"], schedule["sigmas"],
+                            generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(ours, latents.float(), rtol=1e-4, atol=1e-4)
+    # The LoRA is really applied: without it the outputs differ.
+    pipe.disable_lora()
+    plain = pipe(prompt, generator=torch.Generator().manual_seed(3), **kwargs).images
+    assert not torch.allclose(plain, latents)
+
+
+# ----------------------------------------------------------------------------- non-finite guard
+
+
+def test_nonfinite_losses_never_reach_the_weights_and_stop_the_run(tmp_path, ray_local, inputs):
+    """mmd_only, 1 worker: NaN losses from step 2 on; two in a row stop the run with a clear error; the
+    step-2 checkpoint (weights as after step 1) is the last one kept."""
+    dumps = tmp_path / "dumps"
+    ctx = stage_context(tmp_path, inputs, [*FAST, "swd.loss.mode=mmd_only", "distill.num_steps=6",
+                                           "distill.checkpoint_every=1", "distill.max_nonfinite_steps=2"])
+    with pytest.raises(RuntimeError, match=r"2 generator steps in a row \(distill.max_nonfinite_steps=2\) had a "
+                                           r"non-finite loss, last at step 3.*The last good checkpoint is kept"):
+        run_stage(ctx, {"nan_at_steps": [2, 3, 4, 5, 6], "dump_dir": str(dumps)})
+    assert checkpoints(ctx) == ["checkpoint_step00000001", "checkpoint_step00000002"]
+    after_1 = load_safetensors(dumps / "saved_step1.safetensors")
+    after_2 = load_safetensors(dumps / "saved_step2.safetensors")
+    for name, value in after_2.items():
+        assert torch.isfinite(value).all()
+        torch.testing.assert_close(value, after_1[name], rtol=0, atol=0)  # the skipped step changed nothing
+    assert [m.value for m in history(ctx, "nonfinite/generator_skipped")] == [0, 1, 2]
