@@ -1,0 +1,361 @@
+"""Scheduled retraining (pipeline/schedule.py): slot names, the same slot twice does nothing twice,
+only shards added since the last success are new work, two overlapping runs do not both train, a
+crashed run's lease is taken over, a run that lost its lease stops without recording its slot, the
+warm start is recorded. The stage graph here is the real `shards` stage plus a small `train` stage
+that logs what it trained on (the cache stage's per-shard reuse is in tests/test_schedule_cache.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+import types
+from pathlib import Path
+
+import mlflow
+import pytest
+
+from pipeline import graph, schedule
+from pipeline.config import load_config
+from pipeline.run import run_stages
+from stages import shards as shards_stage
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+# ----------------------------------------------------------------------------- a small graph
+
+
+def _train_module() -> types.ModuleType:
+    """Logs the train shard names it saw (one line per run) to $SCHED_LOG; $SCHED_FAIL fails it;
+    $SCHED_STEAL makes it write a takeover of its run's lease and then wait to be stopped."""
+    mod = types.ModuleType("sched_train")
+    mod.VERSION, mod.SECTIONS, mod.OUTPUTS = "1", ("data",), ("out.txt",)
+
+    def run(ctx):
+        listing = json.loads((ctx.inputs["shards"] / "shards.json").read_text())
+        names = [Path(e["url"]).name for e in listing["train"]]
+        with open(os.environ["SCHED_LOG"], "a") as log:
+            log.write(",".join(names) + "\n")
+        if os.environ.get("SCHED_FAIL"):
+            raise RuntimeError("train failed on purpose")
+        if os.environ.get("SCHED_STEAL"):
+            lease_dir = Path(os.environ["SCHED_STEAL"])
+            n = max(int(p.stem) for p in lease_dir.glob("*.json"))
+            (lease_dir / f"{n + 1:012d}.json").write_text(json.dumps(
+                {"owner": "other", "pid": 1, "host": "elsewhere", "expires_at": time.time() + 600}))
+            for _ in range(400):  # the renewal thread notices within ttl/3 and interrupts us
+                time.sleep(0.05)
+        if os.environ.get("SCHED_SLOW"):
+            Path(os.environ["SCHED_SLOW"]).touch()
+            time.sleep(8)
+        (ctx.output_dir / "out.txt").write_text(",".join(names))
+
+    mod.run = run
+    return mod
+
+
+def small_graph() -> list[graph.StageSpec]:
+    return [graph.StageSpec("shards", shards_stage), graph.StageSpec("train", _train_module(), inputs=("shards",))]
+
+
+def write_shard(root: Path, i: int, split: str = "train") -> Path:
+    path = root / f"{split}-{i:03d}.tar"
+    path.write_bytes(b"not read by these stages" * (i + 1))
+    return path
+
+
+@pytest.fixture
+def env(tmp_path, monkeypatch):
+    (tmp_path / "data").mkdir()
+    for i in range(2):
+        write_shard(tmp_path / "data", i)
+    write_shard(tmp_path / "data", 0, "eval")
+    monkeypatch.setenv("SCHED_LOG", str(tmp_path / "trained.log"))
+    (tmp_path / "trained.log").write_text("")
+    for var in ("SCHED_FAIL", "SCHED_STEAL", "SCHED_SLOW"):
+        monkeypatch.delenv(var, raising=False)
+    return tmp_path
+
+
+def overrides(root: Path, *extra: str) -> list[str]:
+    return [f"workdir={root / 'wd'}", f"data.train_shards={root / 'data'}/train-*.tar",
+            f"data.eval_shards={root / 'data'}/eval-000.tar", "tracking.experiment=sched", *extra]
+
+
+def run_slot(root: Path, slot: str, *extra: str) -> int:
+    cfg = load_config(overrides=overrides(root, *extra))
+    uri = f"sqlite:///{root / 'wd' / 'mlflow.db'}"
+    return schedule.run_scheduled(cfg, slot, uri, ["--schedule-slot", slot], plan=lambda c: graph.plan(c, small_graph()),
+                                  init_ray=lambda c: None, run_stages=run_stages)
+
+
+def trained(root: Path) -> list[str]:
+    return (root / "trained.log").read_text().splitlines()
+
+
+def client(root: Path):
+    return mlflow.MlflowClient(f"sqlite:///{root / 'wd' / 'mlflow.db'}")
+
+
+def runs_of_slot(root: Path, slot: str) -> list:
+    mlc = client(root)
+    exp = mlc.get_experiment_by_name("sched")
+    return mlc.search_runs([exp.experiment_id], filter_string=f"tags.`schedule.slot` = '{slot}'")
+
+
+# ----------------------------------------------------------------------------- slots
+
+
+@pytest.mark.parametrize("slot_s, expected", [(86400, "2026-11-22"), (3600, "2026-11-22T0200Z"),
+                                              (7 * 86400, "2026-11-19"), (90, "2026-11-22T024500Z")])
+def test_auto_names_the_utc_slot_holding_now(slot_s, expected):
+    now = 1795315535.0  # 2026-11-22 02:45:35 UTC
+    assert schedule.resolve_slot("auto", slot_s, now) == expected
+
+
+def test_slot_names_are_checked():
+    assert schedule.resolve_slot("2026-11-22", 86400) == "2026-11-22"
+    for bad in ("", "../x", "a b", "x" * 65, "-lead"):
+        with pytest.raises(schedule.ScheduleError, match="expected 'auto' or a name of letters"):
+            schedule.resolve_slot(bad, 86400)
+
+
+def test_same_slot_twice_does_nothing_twice(env, capsys):
+    assert run_slot(env, "2026-11-22") == 0
+    assert trained(env) == ["train-000.tar,train-001.tar"]
+    record = json.loads((env / "wd" / "schedule" / "slots" / "2026-11-22.json").read_text())
+    assert record["outcome"] == "trained" and record["new_shards"][1].endswith("train-001.tar")
+    (parent,) = [r for r in runs_of_slot(env, "2026-11-22") if r.data.tags.get("pipeline.kind") == "pipeline"]
+    assert parent.data.tags["schedule.slot_done"] == "true" and parent.data.tags["schedule.new_shards"] == "2"
+    assert record["run_id"] == parent.info.run_id and parent.info.status == "FINISHED"
+
+    capsys.readouterr()
+    assert run_slot(env, "2026-11-22") == 0
+    assert "already done (trained by run" in capsys.readouterr().out
+    assert trained(env) == ["train-000.tar,train-001.tar"]  # nothing ran
+    assert len(runs_of_slot(env, "2026-11-22")) == 1  # and no new MLflow run
+
+    # A workdir that lost its slot records still finds the slot done in MLflow.
+    (env / "wd" / "schedule" / "slots" / "2026-11-22.json").unlink()
+    assert run_slot(env, "2026-11-22") == 0
+    assert f"by MLflow run {parent.info.run_id}" in capsys.readouterr().out
+    assert len(trained(env)) == 1
+
+
+def test_only_shards_added_since_the_last_success_are_new(env, capsys):
+    assert run_slot(env, "d1") == 0
+    # Nothing new: the slot is recorded as looked at, nothing trains.
+    assert run_slot(env, "d2") == 0
+    assert "no new train shards since slot d1" in capsys.readouterr().out
+    assert len(trained(env)) == 1
+    (skip,) = runs_of_slot(env, "d2")
+    assert skip.data.tags["schedule.outcome"] == "no_new_shards" and skip.data.tags["schedule.slot_done"] == "true"
+    assert json.loads((env / "wd" / "schedule" / "slots" / "d2.json").read_text())["outcome"] == "no_new_shards"
+    # A new shard: the next slot trains, and the records name just that shard as new.
+    write_shard(env / "data", 2)
+    assert run_slot(env, "d3") == 0
+    assert trained(env)[-1] == "train-000.tar,train-001.tar,train-002.tar"
+    (parent,) = [r for r in runs_of_slot(env, "d3") if r.data.tags.get("pipeline.kind") == "pipeline"]
+    assert parent.data.tags["schedule.new_shards"] == "1"
+    assert parent.data.tags["schedule.new_shard_names"] == "train-002.tar"
+    assert parent.data.tags["schedule.last_success_slot"] == "d1"
+    last = json.loads((env / "wd" / "schedule" / "last_success.json").read_text())
+    assert last["slot"] == "d3" and len(last["train_shards"]) == 3
+    # A rewritten shard (new size) counts as new again.
+    write_shard(env / "data", 0).write_bytes(b"rewritten" * 100)
+    cfg = load_config(overrides=overrides(env))
+    fresh = schedule.new_shards(schedule.shard_list(cfg.data.train_shards), last["train_shards"])
+    assert [Path(s["url"]).name for s in fresh] == ["train-000.tar"]
+
+
+def test_an_overlapping_run_does_not_train(env, capsys):
+    holder = schedule.Lease(env / "wd" / "schedule" / "lease", 60, "other-slot")
+    assert holder.acquire()  # this process, alive: a run in progress
+    assert run_slot(env, "d1") == 0
+    out = capsys.readouterr().out
+    assert "another run holds the lease" in out and f"pid {os.getpid()} on {socket.gethostname()}" in out
+    assert trained(env) == [] and not (env / "wd" / "schedule" / "slots" / "d1.json").exists()
+    holder.release()
+    assert run_slot(env, "d1") == 0 and len(trained(env)) == 1
+
+
+def test_a_failed_run_records_nothing_releases_the_lease_and_the_slot_retries(env, monkeypatch):
+    monkeypatch.setenv("SCHED_FAIL", "1")
+    assert run_slot(env, "d1") == 1
+    assert not (env / "wd" / "schedule" / "slots" / "d1.json").exists()
+    lease = schedule.Lease(env / "wd" / "schedule" / "lease", 60)
+    assert lease.current()["released"] is True
+    monkeypatch.delenv("SCHED_FAIL")
+    assert run_slot(env, "d1") == 0
+    assert len(trained(env)) == 2  # the failed attempt and the retry
+    assert json.loads((env / "wd" / "schedule" / "slots" / "d1.json").read_text())["outcome"] == "trained"
+
+
+def test_a_run_that_loses_its_lease_stops_without_recording_its_slot(env, monkeypatch):
+    monkeypatch.setenv("SCHED_STEAL", str(env / "wd" / "schedule" / "lease"))
+    started = time.monotonic()
+    assert run_slot(env, "d1", "schedule.lease_ttl_s=1.5") == schedule.EXIT_LEASE_LOST
+    assert time.monotonic() - started < 15
+    assert not (env / "wd" / "schedule" / "slots" / "d1.json").exists()
+    (parent,) = [r for r in runs_of_slot(env, "d1") if r.data.tags.get("pipeline.kind") == "pipeline"]
+    assert parent.info.status == "KILLED" and "schedule.slot_done" not in parent.data.tags
+    assert schedule.Lease(env / "wd" / "schedule" / "lease", 1.5).current()["owner"] == "other"  # untouched
+
+
+def test_warm_start_is_recorded(env):
+    assert run_slot(env, "d1") == 0
+    (parent,) = [r for r in runs_of_slot(env, "d1") if r.data.tags.get("pipeline.kind") == "pipeline"]
+    assert parent.data.tags["schedule.warm_start"] == "no champion yet: trained from the teacher"
+    # A champion in the registry: used where the distill stage takes an initial student.
+    mlc = client(env)
+    student = env / "champion-student"
+    student.mkdir()
+    (student / "adapter_config.json").write_text("{}")
+    mlc.create_registered_model("swd-student")
+    mlc.create_model_version("swd-student", source=str(student), run_id=parent.info.run_id)
+    mlc.set_registered_model_alias("swd-student", "champion", "1")
+    write_shard(env / "data", 2)
+    assert run_slot(env, "d2") == 0
+    (parent,) = [r for r in runs_of_slot(env, "d2") if r.data.tags.get("pipeline.kind") == "pipeline"]
+    how = parent.data.tags["schedule.warm_start"]
+    cfg = load_config(overrides=overrides(env))
+    if schedule.WARM_START_FIELD in type(cfg.distill).model_fields:
+        assert how.startswith("champion swd-student v1 (")
+    else:
+        assert how.startswith(f"unsupported: the distill stage has no '{schedule.WARM_START_FIELD}' option")
+        assert "champion swd-student v1 not used" in how
+    assert run_slot(env, "d3", "schedule.warm_start=false", "schedule.skip_without_new_shards=false") == 0
+    (parent,) = [r for r in runs_of_slot(env, "d3") if r.data.tags.get("pipeline.kind") == "pipeline"]
+    assert parent.data.tags["schedule.warm_start"] == "off"
+
+
+# ----------------------------------------------------------------------------- the lease
+
+
+def test_lease_acquire_renew_release(tmp_path):
+    a = schedule.Lease(tmp_path / "lease", 30, "s1")
+    b = schedule.Lease(tmp_path / "lease", 30, "s2")
+    assert a.acquire() and not b.acquire()
+    assert b.holder["owner"] == a.owner and b.holder["slot"] == "s1"
+    before = a.current()["expires_at"]
+    time.sleep(0.05)
+    assert a.renew() and a.current()["expires_at"] > before
+    first = a.number
+    a.release()
+    assert a.current()["released"] is True and b.acquire()
+    assert b.number == first + 1 and [p.name for p in (tmp_path / "lease").glob("*.json")] == [f"{b.number:012d}.json"]
+    assert not a.renew()  # released: nothing to renew
+
+
+def test_an_expired_lease_of_another_host_is_taken_over_and_its_holder_learns_it(tmp_path):
+    old = schedule.Lease(tmp_path / "lease", 0.5)
+    assert old.acquire()
+    path = tmp_path / "lease" / f"{old.number:012d}.json"
+    record = json.loads(path.read_text())
+    path.write_text(json.dumps({**record, "host": "another-host"}))  # its pid means nothing here
+    new = schedule.Lease(tmp_path / "lease", 30)
+    assert not new.acquire()  # not expired yet
+    time.sleep(0.6)
+    assert new.acquire() and new.current()["taken_over"] == path.name
+    assert not old.renew() and old.lost  # a holder that was only slow finds out at its next renewal
+
+
+def test_a_dead_holder_on_this_host_is_taken_over_at_once(tmp_path):
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(f"""
+        import sys; sys.path.insert(0, {str(REPO_ROOT)!r})
+        from pipeline.schedule import Lease
+        assert Lease({str(tmp_path / 'lease')!r}, 3600).acquire()
+        """)], timeout=120)  # exits (as if crashed) without releasing its hour-long lease
+    assert proc.returncode == 0
+    lease = schedule.Lease(tmp_path / "lease", 30)
+    assert lease.current()["expires_at"] > time.time() + 3000
+    assert lease.acquire()
+
+
+def test_an_unreadable_lease_file_counts_as_held_until_it_would_have_expired(tmp_path):
+    (tmp_path / "lease").mkdir()
+    (tmp_path / "lease" / f"{0:012d}.json").write_text("{half a reco")
+    assert not schedule.Lease(tmp_path / "lease", 60).acquire()
+    time.sleep(0.2)
+    assert schedule.Lease(tmp_path / "lease", 0.1).acquire()
+
+
+RACER = """
+import sys, time
+from pathlib import Path
+sys.path.insert(0, {repo!r})
+from pipeline.schedule import Lease
+go, out = Path({go!r}), Path({out!r})
+lease = Lease({lease!r}, 60)
+while not go.exists():
+    time.sleep(0.01)
+out.write_text("won" if lease.acquire() else "lost")
+while not Path({done!r}).exists():  # stay alive (a live holder) until every racer has tried
+    time.sleep(0.05)
+"""
+
+
+def test_racing_processes_exactly_one_takes_the_lease(tmp_path):
+    go, done = tmp_path / "go", tmp_path / "done"
+    procs = [subprocess.Popen([sys.executable, "-c", RACER.format(repo=str(REPO_ROOT), go=str(go), done=str(done),
+                                                                  out=str(tmp_path / f"r{i}"), lease=str(tmp_path / "lease"))])
+             for i in range(5)]
+    try:
+        deadline = time.monotonic() + 120
+        time.sleep(1.0)
+        go.touch()
+        while not all((tmp_path / f"r{i}").exists() for i in range(5)) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        results = sorted((tmp_path / f"r{i}").read_text() for i in range(5))
+        assert results == ["lost"] * 4 + ["won"]
+    finally:
+        done.touch()
+        for p in procs:
+            p.wait(timeout=60)
+
+
+OVERLAP = """
+import sys
+sys.path.insert(0, {repo!r}); sys.path.insert(0, {tests!r})
+import test_schedule as t
+from pathlib import Path
+sys.exit(t.run_slot(Path({root!r}), {slot!r}))
+"""
+
+
+def test_two_overlapping_processes_train_once(env, monkeypatch):
+    """Two scheduled runs started together (separate processes, slots of overlapping crons): one
+    trains, the other finds the live lease and exits 0 without training."""
+    monkeypatch.setenv("SCHED_SLOW", str(env / "training"))
+    (env / "wd").mkdir()
+    # the SQLite store exists before two processes open it
+    client(env).create_experiment("sched", artifact_location=(env / "wd" / "mlartifacts").as_uri())
+    procs = {slot: subprocess.Popen([sys.executable, "-c", OVERLAP.format(repo=str(REPO_ROOT), tests=str(REPO_ROOT / "tests"),
+                                                                       root=str(env), slot=slot)],
+                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for slot in ("a", "b")}
+    outs = {slot: p.communicate(timeout=300)[0] for slot, p in procs.items()}
+    assert all(p.returncode == 0 for p in procs.values()), outs
+    assert len(trained(env)) == 1, outs
+    winner = next(s for s, o in outs.items() if "done (MLflow run" in o)
+    loser = "b" if winner == "a" else "a"
+    assert "another run holds the lease" in outs[loser] and "not training" in outs[loser]
+
+
+def test_dry_run_shows_the_slot_state(env):
+    def dry(slot):
+        return subprocess.run([sys.executable, "pipeline/run.py", "--dry-run", "--schedule-slot", slot,
+                               *overrides(env)], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+
+    out = dry("d1")
+    assert out.returncode == 0, out.stderr
+    assert "# schedule: slot d1: not done; lease: free; new train shards since the last success: 2" in out.stdout
+    assert run_slot(env, "d1") == 0
+    assert "# schedule: slot d1: done (trained, run " in dry("d1").stdout
+    bad = dry("no good")
+    assert bad.returncode == 2 and "--schedule-slot 'no good': expected 'auto'" in bad.stderr
