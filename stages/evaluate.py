@@ -4,10 +4,11 @@ Steps:
 1. Eval set: the first `max_prompts` samples of the eval shards (`shards` stage, `data.eval_shards`):
    prompt, image (the reference set), json attributes where present. Its fingerprint (keys, prompts,
    image digests, seeds and batching, metric settings) is what `register` compares champions on.
-2. Generation with Ray Data, one execution per generator: the eval prompts in fixed chunks of
-   `batch_size` (one seed per chunk, the same chunks and seeds for every generator) through
+2. Generation with Ray Data: the eval prompts in fixed chunks of `batch_size` (one seed per chunk,
+   the same chunks and seeds for every generator), one row per (generator, chunk), through
    `map_batches` with the callable class `GenerateActor` on an `ActorPoolStrategy` pool; each actor
-   loads its model once (one GPU per actor where the cluster has GPUs). Generators:
+   loads the teacher bundle once and each generator once on first use (one GPU per actor where the
+   cluster has GPUs). Generators:
    - `student`: the distilled scale-wise student (`distill` output, `load_student`), SWD.md section 3
      sampler (`sample_scalewise`), no guidance;
    - `teacher`: the teacher's Euler sampler on its own grid (`teacher_num_steps`, its scheduler's
@@ -18,8 +19,8 @@ Steps:
    reference images: EfficientNet-Lite0 features for the Frechet distance (`pipeline/metrics.py`),
    CLIP score (`clip_model`), Inception features for FID (`inception_weights`). Prompt adherence by
    the shapes oracle in the driver (per attribute and overall = every attribute right).
-4. Latency: one Ray task per generator, on the same resources as a generation actor, one after the
-   other: `latency_warmup_batches` untimed then `latency_repeats` timed calls of `batch_size` prompts
+4. Latency: one Ray task with the resources of one generation actor times each generator in turn:
+   `latency_warmup_batches` untimed then `latency_repeats` timed calls of `batch_size` prompts
    (text encoding + sampling + VAE decode); seconds per image = median / batch size; speedups from
    it. The student's task also renders the per-scale progression strip.
 5. Outputs, all logged to the stage's MLflow run: `metrics.json` (canonical metrics, eval set),
@@ -39,10 +40,9 @@ import io
 import json
 import math
 import os
-import re
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -172,14 +172,11 @@ def run(ctx: StageContext) -> None:
 
     # 2. generation (Ray Data), the same chunks and seeds for every generator
     chunks = make_chunks(prompts, cfg.batch_size, cfg.seed)
-    images: dict[str, np.ndarray] = {}
-    gen_s: dict[str, float] = {}
-    for name, spec in specs.items():
-        t0 = time.monotonic()
-        images[name] = generate(chunks, spec, cfg, gpus)
-        gen_s[name] = time.monotonic() - t0
-        print(f"[evaluate] {name}: {len(images[name])} images {images[name].shape[1:3]} in {gen_s[name]:.1f} s",
-              flush=True)
+    t0 = time.monotonic()
+    images = generate(chunks, list(specs.values()), cfg, gpus)
+    generate_s = time.monotonic() - t0
+    print(f"[evaluate] generated {len(specs)} x {len(prompts)} images {images['student'].shape[1:3]} in "
+          f"{generate_s:.1f} s", flush=True)
     side = images["student"].shape[1]
     images["data"] = np.stack([decode_reference(s["image"], side) for s in samples])
 
@@ -208,32 +205,27 @@ def run(ctx: StageContext) -> None:
     if "clip" in scores["data"]:
         values["data_clip_score"] = float(np.mean(scores["data"]["clip"]))
 
-    # 4. latency, one generator at a time on the same resources
-    timing: dict[str, dict] = {}
-    strip = None
+    # 4. latency, one generator after the other in one task (same process, same resources)
     latency_prompts = [prompts[i % len(prompts)] for i in range(cfg.batch_size)]
-    for name, spec in specs.items():
-        result = measure_latency(spec, latency_prompts, cfg, gpus, strip_prompts=prompts[:min(4, len(prompts))]
-                                 if name == "student" else None)
-        timing[name] = result
+    timing = measure_latency(list(specs.values()), latency_prompts, cfg, gpus, strip_prompts=prompts[:4])
+    for name, result in timing.items():
         values[f"{name}_latency_s"] = result["latency_s"]
         values[f"{name}_sampling_latency_s"] = result["sampling_latency_s"]
-        if name == "student":
-            strip = result["strip"]
         print(f"[evaluate] {name}: {result['latency_s'] * 1000:.2f} ms/image (sampling "
               f"{result['sampling_latency_s'] * 1000:.2f} ms/image) at batch {cfg.batch_size}", flush=True)
+    strip = timing["student"].pop("strip")
     values["speedup_vs_teacher"] = values["teacher_latency_s"] / values["student_latency_s"]
     if "baseline" in specs:
         values["speedup_vs_baseline"] = values["baseline_latency_s"] / values["student_latency_s"]
 
     # 5. outputs
     eval_set = eval_set_identity(samples, cfg, inception)
-    generators = {name: _describe(spec, timing[name], gen_s[name]) for name, spec in specs.items()}
+    generators = {name: _describe(spec, timing[name]) for name, spec in specs.items()}
     record = {"metrics": values, "canonical": [k for k in CANONICAL_METRICS if k in values],
               "eval_set": eval_set, "generators": generators, "fd_extractor": M.FD_EXTRACTOR,
               "fd_image_side_px": cfg.fd_image_side_px, "image_side_px": side,
               "clip_model": clip_model, "inception_weights": str(inception) if inception else None,
-              "score_s": round(score_s, 2)}
+              "generate_s": round(generate_s, 2), "score_s": round(score_s, 2)}
     (ctx.output_dir / METRICS_FILE).write_text(json.dumps(record, indent=1) + "\n")
     grid_rows = min(cfg.grid_prompts, len(prompts))
     columns = ["data", *specs]
@@ -279,8 +271,8 @@ def _log(mlc, run_id: str, values: dict, tags: dict) -> None:
     mlc.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
 
 
-def _describe(spec: "GeneratorSpec", timing: dict, generate_s: float) -> dict:
-    out = {"kind": "scalewise" if spec.student_dir else "teacher", "generate_s": round(generate_s, 2),
+def _describe(spec: "GeneratorSpec", timing: dict) -> dict:
+    out = {"kind": "scalewise" if spec.student_dir else "teacher",
            **{k: timing[k] for k in ("latency_s", "sampling_latency_s", "times_s", "num_forwards", "scales",
                                       "sigmas", "guidance_scale")}}
     if spec.student_dir:
@@ -403,16 +395,19 @@ def read_schedule(distill_output_dir: str | Path) -> dict:
     return {"scales": [int(s) for s in scales], "sigmas": [float(s) for s in sigmas]}
 
 
-def load_student(distill_output_dir: str | Path, bundle):
+def load_student(distill_output_dir: str | Path, bundle, in_place: bool = True):
     """(student transformer, schedule) from a distill output, on the bundle's device and dtype.
 
-    A LoRA export is loaded into `bundle.transformer` and fused into its weights (the LoRA layers
-    removed again), so the student runs at the cost of a plain transformer; the bundle's transformer
-    *is* the student afterwards. A full export is loaded as its own SD3Transformer2DModel."""
+    A LoRA export is loaded into the teacher's transformer and fused into its weights (the LoRA
+    layers removed again), so the student runs at the cost of a plain transformer: in place (the
+    bundle's transformer *is* the student afterwards) or, with `in_place=False`, into a copy (the
+    bundle keeps the teacher). A full export is loaded as its own SD3Transformer2DModel."""
+    import copy
+
     directory = Path(distill_output_dir) / STUDENT_DIR
     schedule = read_schedule(distill_output_dir)
     if (directory / LORA_WEIGHTS).is_file():
-        transformer = bundle.transformer
+        transformer = bundle.transformer if in_place else copy.deepcopy(bundle.transformer)
         transformer.load_lora_adapter(str(directory), weight_name=LORA_WEIGHTS, adapter_name="student",
                                       prefix="transformer")
         transformer.fuse_lora(lora_scale=1.0)
@@ -449,7 +444,8 @@ class GeneratorSpec:
 
 
 class Generator:
-    """A model loaded once: prompts and a seed -> uint8 images [B, H, W, 3]."""
+    """A model loaded once: prompts and a seed -> uint8 images [B, H, W, 3]. Generators given the same
+    `bundle` share its text encoders and VAE (each student gets its own transformer)."""
 
     def __init__(self, spec: GeneratorSpec, bundle=None):
         import torch
@@ -462,7 +458,7 @@ class Generator:
         self.spec = spec
         self.bundle = bundle or load_bundle(spec.location, spec.dtype, spec.device, spec.local_files_only, spec.load_t5)
         if spec.student_dir:
-            self.transformer, schedule = load_student(spec.student_dir, self.bundle)
+            self.transformer, schedule = load_student(spec.student_dir, self.bundle, in_place=bundle is None)
             self.scales, self.sigmas, self.guidance_scale = schedule["scales"], schedule["sigmas"], 1.0
         else:
             self.transformer = self.bundle.transformer
@@ -527,65 +523,98 @@ class Generator:
 
 
 class GenerateActor:
-    """Ray Data callable class: one chunk row per call -> one output row per image."""
+    """Ray Data callable class: loads the teacher bundle once and each generator on first use (sharing
+    the bundle's text encoders and VAE); one chunk row per call -> one output row per image."""
 
-    def __init__(self, spec: GeneratorSpec):
-        self.generator = Generator(spec)
+    def __init__(self, specs: list[GeneratorSpec]):
+        from pipeline.teacher import load_bundle
+
+        self.specs = {s.name: s for s in specs}
+        first = specs[0]
+        self.bundle = load_bundle(first.location, first.dtype, first.device, first.local_files_only, first.load_t5)
+        self.generators: dict[str, Generator] = {}
+
+    def generator(self, name: str) -> Generator:
+        if name not in self.generators:
+            self.generators[name] = Generator(self.specs[name], self.bundle)
+        return self.generators[name]
 
     def __call__(self, batch: dict) -> dict:
         import numpy as np
 
-        index, prompts, images = [], [], []
+        names, index, prompts, images = [], [], [], []
         for i in range(len(batch["chunk"])):
             chunk_prompts = [str(p) for p in batch["prompt"][i]]
-            images.append(self.generator(chunk_prompts, int(batch["seed"][i])))
+            images.append(self.generator(str(batch["generator"][i]))(chunk_prompts, int(batch["seed"][i])))
+            names += [str(batch["generator"][i])] * len(chunk_prompts)
             index += [int(j) for j in batch["index"][i]]
             prompts += chunk_prompts
-        return {"index": np.asarray(index, dtype=np.int64), "prompt": np.asarray(prompts, dtype=object),
-                "image": np.concatenate(images)}
+        return {"generator": np.asarray(names, dtype=object), "index": np.asarray(index, dtype=np.int64),
+                "prompt": np.asarray(prompts, dtype=object), "image": np.concatenate(images)}
 
 
-def generate(chunks: list[dict], spec: GeneratorSpec, cfg: Config, gpus: float):
-    """Every chunk through a `GenerateActor` pool; images [N, H, W, 3] in prompt order."""
+def generate(chunks: list[dict], specs: list[GeneratorSpec], cfg: Config, gpus: float) -> dict:
+    """Every chunk of every generator through one `GenerateActor` pool; {generator: images [N, H, W, 3]}
+    in prompt order. Rows are ordered generator by generator, so an actor mostly runs one at a time."""
     import numpy as np
     import ray
 
-    ds = ray.data.from_items(chunks, override_num_blocks=len(chunks))
-    ds = ds.map_batches(GenerateActor, batch_size=1, batch_format="numpy", fn_constructor_kwargs={"spec": spec},
+    items = [{"generator": spec.name, **chunk} for spec in specs for chunk in chunks]
+    ds = ray.data.from_items(items, override_num_blocks=len(items))
+    ds = ds.map_batches(GenerateActor, batch_size=1, batch_format="numpy", fn_constructor_kwargs={"specs": specs},
                         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cfg.num_actors),
                         num_cpus=cfg.num_cpus_per_actor, num_gpus=gpus)
     rows = ds.take_all()
-    rows.sort(key=lambda r: int(r["index"]))
-    return np.stack([r["image"] for r in rows])
+    out = {}
+    for spec in specs:
+        mine = sorted((r for r in rows if r["generator"] == spec.name), key=lambda r: int(r["index"]))
+        out[spec.name] = np.stack([r["image"] for r in mine])
+    return out
 
 
-def measure_latency(spec: GeneratorSpec, prompts: list[str], cfg: Config, gpus: float,
-                    strip_prompts: list[str] | None = None) -> dict:
+def measure_latency(specs: list[GeneratorSpec], prompts: list[str], cfg: Config, gpus: float,
+                    strip_prompts: list[str]) -> dict[str, dict]:
+    """Every generator's latency, measured one after the other in one Ray task with the resources of
+    one generation actor; the student's progression strip on the side."""
     import ray
 
     task = ray.remote(num_cpus=cfg.num_cpus_per_actor, num_gpus=gpus,
                       runtime_env={"env_vars": {"OMP_WAIT_POLICY": "PASSIVE"}})(_latency_task)
-    return ray.get(task.remote(spec, prompts, cfg.latency_warmup_batches, cfg.latency_repeats, strip_prompts))
+    return ray.get(task.remote(specs, prompts, cfg.latency_warmup_batches, cfg.latency_repeats, strip_prompts))
 
 
-def _latency_task(spec: GeneratorSpec, prompts: list[str], num_warmup: int, num_repeats: int,
-                  strip_prompts: list[str] | None) -> dict:
+def _latency_task(specs: list[GeneratorSpec], prompts: list[str], num_warmup: int, num_repeats: int,
+                  strip_prompts: list[str]) -> dict[str, dict]:
     """Seconds per image, end to end (text encoding + sampling + decode) and sampling alone."""
+    import gc
+
     from pipeline.metrics import time_batches
 
-    gen = Generator(spec)
+    from pipeline.teacher import load_bundle
+
+    out = {}
     n = len(prompts)
-    full = time_batches(lambda: gen(prompts, 0), num_warmup, num_repeats, gen.sync)
-    cond = gen.encode(prompts)
-    sampling = time_batches(lambda: gen.sample(cond, 0), num_warmup, num_repeats, gen.sync)
-    strip = None
-    if strip_prompts:
-        side = gen(strip_prompts[:1], 0).shape[1]
-        strip = gen.progression(strip_prompts, 0, side)
-    return {"latency_s": full["median_s"] / n, "sampling_latency_s": sampling["median_s"] / n,
-            "times_s": [round(t, 5) for t in full["times_s"]], "batch_size": n, "num_forwards": gen.num_forwards,
-            "scales": gen.scales, "sigmas": [round(s, 5) for s in gen.sigmas],
-            "guidance_scale": gen.guidance_scale, "strip": strip}
+    first = specs[0]
+    bundle = load_bundle(first.location, first.dtype, first.device, first.local_files_only, first.load_t5)
+    for spec in specs:
+        gen = Generator(spec, bundle)
+        full = time_batches(lambda: gen(prompts, 0), num_warmup, num_repeats, gen.sync)
+        cond = gen.encode(prompts)
+        sampling = time_batches(lambda: gen.sample(cond, 0), num_warmup, num_repeats, gen.sync)
+        out[spec.name] = {"latency_s": full["median_s"] / n, "sampling_latency_s": sampling["median_s"] / n,
+                          "times_s": [round(t, 5) for t in full["times_s"]], "batch_size": n,
+                          "num_forwards": gen.num_forwards, "scales": gen.scales,
+                          "sigmas": [round(s, 5) for s in gen.sigmas], "guidance_scale": gen.guidance_scale}
+        if spec.name == "student":
+            side = gen(strip_prompts[:1], 0).shape[1]
+            out[spec.name]["strip"] = gen.progression(strip_prompts, 0, side)
+        del gen, cond
+        gc.collect()
+        if spec.device.startswith("cuda"):
+            import torch
+
+            torch.cuda.empty_cache()
+    return out
 
 
 # ----------------------------------------------------------------------------- scoring

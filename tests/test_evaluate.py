@@ -1,0 +1,269 @@
+"""The `evaluate` stage on a tiny random teacher: every canonical metric and artifact, generation that
+depends only on prompts and seeds (not on Ray's batching), the student loader, and bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+
+from pipeline import metrics, shapes, tiny
+from pipeline.context import StageContext
+from pipeline.swd.config import StudentConfig, SwdConfig
+from stages import evaluate
+from stages.teacher import Config as TeacherConfig
+
+TINY_SIGMAS = SwdConfig().schedule.sigmas  # the tiny-4step preset: 4 steps, final sigma 0
+ALL = (shapes.SHAPES, list(shapes.COLOURS_RGB), list(shapes.SIZES_CELL_FRACTION), list(shapes.BACKGROUNDS_RGB))
+
+
+# ----------------------------------------------------------------------------- tiny inputs (also used by test_register)
+
+
+def make_teacher_output(root: Path) -> Path:
+    """A `teacher` stage output naming a random one-layer tiny bundle (as for a pretrained teacher)."""
+    bundle = tiny.save_bundle(tiny.build_pipeline(seed=0, num_layers=1), root / "bundle")
+    out = root / "teacher"
+    out.mkdir(parents=True)
+    (out / "teacher.json").write_text(json.dumps({"source": "pretrained", "location": str(bundle)}))
+    return out
+
+
+def make_student_export(out: Path, bundle: Path, scales: list[int], seed: int = 1, full: bool = False) -> Path:
+    """A distill-stage export: `student/` via save_student (random non-zero LoRA B) + `schedule.json`."""
+    from pipeline.swd.networks import build_student, save_student
+    from pipeline.teacher import load_bundle
+
+    b = load_bundle(bundle)
+    student, _ = build_student(b.transformer, StudentConfig(lora_rank=4, lora_alpha=4, full_finetune=full))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in student.named_parameters():
+            if "lora_B" in name or (full and name.endswith("proj_out.weight")):
+                p.add_(torch.randn(p.shape, generator=g) * 0.02)
+    out.mkdir(parents=True)
+    save_student(student, out / evaluate.STUDENT_DIR)
+    (out / evaluate.SCHEDULE_FILE).write_text(json.dumps({"scales": scales, "sigmas": TINY_SIGMAS}))
+    return out
+
+
+def make_shards_output(root: Path, num_eval: int, prompts: list[str] | None = None) -> Path:
+    """A `shards` stage output with one eval shard of generated shapes samples."""
+    import webdataset as wds
+
+    (root / "eval").mkdir(parents=True)
+    with wds.TarWriter(str(root / "eval" / "eval-000000.tar")) as sink:
+        for i in range(num_eval):
+            s = shapes.make_sample(0, "eval", i, 64, *ALL)
+            if prompts is not None:
+                s = {**s, "txt": prompts[i]}
+                del s["json"]
+            sink.write(s)
+    (root / "shards.json").write_text(json.dumps({"train": [], "eval": [{"url": "eval/eval-000000.tar"}]}))
+    return root
+
+
+def context(tmp: Path, cfg: evaluate.Config, inputs: dict, uri: str | None = None) -> StageContext:
+    uri = uri or f"sqlite:///{tmp / 'mlflow.db'}"
+    client = mlflow.MlflowClient(uri)
+    exp = client.get_experiment_by_name("evaluate-test")
+    exp_id = exp.experiment_id if exp else client.create_experiment("evaluate-test",
+                                                                   artifact_location=(tmp / "artifacts").as_uri())
+    for d in ("out", "scratch", "shared"):
+        (tmp / d).mkdir(parents=True, exist_ok=True)
+    return StageContext(name="evaluate", config=cfg, sections={"evaluate": cfg, "teacher": TeacherConfig()},
+                        inputs=inputs, output_dir=tmp / "out", scratch_dir=tmp / "scratch", shared_dir=tmp / "shared",
+                        tracking_uri=uri, run_id=client.create_run(exp_id).info.run_id, fingerprint="test")
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("evaluate-inputs")
+    teacher = make_teacher_output(root)
+    bundle = root / "bundle"
+    return {"shards": make_shards_output(root / "shards", 8), "teacher": teacher,
+            "distill": make_student_export(root / "distill", bundle, [8, 10, 12, 16]),
+            "distill_baseline": make_student_export(root / "baseline", bundle, [16, 16, 16, 16], seed=2)}
+
+
+FAST = dict(max_prompts=6, batch_size=3, latency_warmup_batches=1, latency_repeats=2, fd_image_side_px=64,
+            score_batch_size=8, grid_prompts=3)
+
+
+@pytest.fixture(scope="module")
+def evaluated(tmp_path_factory, inputs, ray_local):
+    from test_metrics import tiny_clip, tiny_inception
+
+    tmp = tmp_path_factory.mktemp("evaluate-run")
+    cfg = evaluate.Config(**FAST, clip_model=str(tiny_clip(tmp / "clip")),
+                          inception_weights=str(tiny_inception(tmp / "inception.pt")))
+    ctx = context(tmp, cfg, inputs)
+    evaluate.run(ctx)
+    return ctx
+
+
+def test_every_canonical_metric_is_logged_and_mirrored(evaluated):
+    record = json.loads((evaluated.output_dir / evaluate.METRICS_FILE).read_text())
+    values = record["metrics"]
+    assert set(evaluate.CANONICAL_METRICS) <= set(values)
+    assert all(math.isfinite(v) for v in values.values())
+    assert values["speedup_vs_teacher"] == pytest.approx(values["teacher_latency_s"] / values["student_latency_s"])
+    assert values["speedup_vs_baseline"] == pytest.approx(values["baseline_latency_s"] / values["student_latency_s"])
+    for g in ("student", "teacher", "baseline"):
+        assert values[f"{g}_fd"] == values[f"{g}_fd_efficientnet_lite0"] > 0
+        assert 0 <= values[f"{g}_adherence"] <= values[f"{g}_adherence_colour"] + 1e-9
+        assert 0 <= values[f"{g}_clip_score"] <= 100 and values[f"{g}_fid"] >= 0
+    assert values["data_adherence"] == 1.0  # the oracle reads the reference images right
+    assert record["eval_set"]["num_prompts"] == 6 and record["image_side_px"] == 64
+    assert record["generators"]["teacher"]["num_forwards"] == 56  # 28 steps, CFG as one forward of 2B
+    assert record["generators"]["student"]["scales"] == [8, 10, 12, 16]
+    # MLflow: every metric on the stage's run, the artifacts, the canonical ones for the parent run.
+    run = mlflow.MlflowClient(evaluated.tracking_uri).get_run(evaluated.run_id)
+    assert set(evaluate.CANONICAL_METRICS) <= set(run.data.metrics)
+    assert run.data.tags["fd_extractor"] == "efficientnet_lite0"
+    assert run.data.tags["eval_set_fingerprint"] == record["eval_set"]["fingerprint"]
+    logged = {a.path for a in mlflow.MlflowClient(evaluated.tracking_uri).list_artifacts(evaluated.run_id)}
+    assert logged >= set(evaluate.OUTPUTS)
+    assert evaluated.summary["parent_metrics"] == {k: values[k] for k in evaluate.CANONICAL_METRICS}
+
+
+def test_artifacts_grid_strip_and_report(evaluated):
+    from PIL import Image
+
+    grid = Image.open(evaluated.output_dir / evaluate.GRID_FILE)
+    assert grid.size == (64 * 4, 12 + 64 * 3)  # columns data, student, teacher, baseline; 3 prompts
+    strip = Image.open(evaluated.output_dir / evaluate.STRIP_FILE)
+    assert strip.size == (64 * 4, 64 * 4)  # 4 scales x 4 prompts
+    report = (evaluated.output_dir / evaluate.REPORT_FILE).read_text()
+    assert "| generator | steps (forwards) | latency s/img" in report
+    for name in ("| student | 4 (4)", "| teacher | 28 (56)", "| baseline | 4 (4)", "CLIP score", "FID (Inception)",
+                 "Not FID"):
+        assert name in report
+
+
+def test_generation_depends_on_prompts_and_seeds_only(inputs, ray_local):
+    """Ray Data with two actors gives the same images as one direct, sequential generator."""
+    from pipeline.teacher import bundle_location
+
+    prompts = [shapes.make_sample(0, "eval", i, 64, *ALL)["txt"] for i in range(5)]
+    chunks = evaluate.make_chunks(prompts, 2, seed=7)
+    assert [c["index"] for c in chunks] == [[0, 1], [2, 3], [4]]
+    spec = evaluate.GeneratorSpec(name="student", location=bundle_location(inputs["teacher"]), dtype="float32",
+                                  device="cpu", load_t5=True, local_files_only=True, student_dir=str(inputs["distill"]))
+    cfg = evaluate.Config(num_actors=2, num_cpus_per_actor=1)
+    teacher = evaluate.GeneratorSpec(**{**spec.__dict__, "name": "teacher", "student_dir": None,
+                                        "teacher_num_steps": 3, "guidance_scale": 2.0, "latent_side": 16})
+    via_ray = evaluate.generate(chunks, [spec, teacher], cfg, gpus=0)
+    for s in (spec, teacher):
+        direct = evaluate.Generator(s)  # its own bundle, not shared
+        expected = np.concatenate([direct(c["prompt"], c["seed"]) for c in chunks])
+        assert via_ray[s.name].shape == (5, 64, 64, 3) and via_ray[s.name].dtype == np.uint8
+        # Equal up to float summation order (actors run 1 torch thread, this process more): a rare
+        # pixel may round the other way.
+        diff = np.abs(via_ray[s.name].astype(int) - expected.astype(int))
+        assert diff.max() <= 1 and (diff > 0).mean() < 1e-3
+
+
+def test_lora_export_is_loaded_fused_and_equals_stock_diffusers_lora(inputs):
+    from pipeline.teacher import bundle_location, load_bundle
+
+    bundle = load_bundle(bundle_location(inputs["teacher"]))
+    transformer, schedule = evaluate.load_student(inputs["distill"], bundle)
+    assert schedule == {"scales": [8, 10, 12, 16], "sigmas": TINY_SIGMAS}
+    assert not any("lora" in n for n, _ in transformer.named_parameters())  # fused, LoRA layers removed
+    # Reference: stock diffusers loading of the export, LoRA kept as separate layers (not fused).
+    reference = load_bundle(bundle_location(inputs["teacher"])).transformer
+    reference.load_lora_adapter(str(inputs["distill"] / evaluate.STUDENT_DIR), weight_name=evaluate.LORA_WEIGHTS,
+                                prefix="transformer")
+    assert any("lora" in n for n, _ in reference.named_parameters())
+    x = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    embeds, pooled = bundle.encode_prompt(["a large red circle in the top on a black background"] * 2)
+    with torch.no_grad():
+        args = dict(hidden_states=x, encoder_hidden_states=embeds, pooled_projections=pooled,
+                    timestep=torch.tensor([700.0, 300.0]), return_dict=False)
+        student = transformer(**args)[0]
+        torch.testing.assert_close(student, reference(**args)[0], rtol=1e-4, atol=1e-4)
+        teacher = load_bundle(bundle_location(inputs["teacher"])).transformer(**args)[0]
+        assert (teacher - student).abs().max() > 1e-3  # the export is not the teacher
+
+
+def test_full_transformer_export_and_broken_exports(inputs, tmp_path):
+    from pipeline.teacher import bundle_location, load_bundle
+
+    location = bundle_location(inputs["teacher"])
+    full = make_student_export(tmp_path / "full", Path(location), [8, 16], full=True)
+    json.loads((full / evaluate.SCHEDULE_FILE).read_text())
+    (full / evaluate.SCHEDULE_FILE).write_text(json.dumps({"scales": [8, 16], "sigmas": [1.0, 0.7, 0.0]}))
+    transformer, schedule = evaluate.load_student(full, load_bundle(location))
+    assert schedule["scales"] == [8, 16] and type(transformer).__name__ == "SD3Transformer2DModel"
+
+    (tmp_path / "empty" / evaluate.STUDENT_DIR).mkdir(parents=True)
+    (tmp_path / "empty" / evaluate.SCHEDULE_FILE).write_text(json.dumps({"scales": [8], "sigmas": [1.0, 0.0]}))
+    with pytest.raises(evaluate.EvaluateError, match=r"holds neither a LoRA export \(pytorch_lora_weights"):
+        evaluate.load_student(tmp_path / "empty", load_bundle(location))
+    with pytest.raises(evaluate.EvaluateError, match=r"schedule\.json is missing"):
+        evaluate.read_schedule(tmp_path)
+    (tmp_path / evaluate.SCHEDULE_FILE).write_text(json.dumps({"scales": [8, 16], "sigmas": [1.0, 0.0]}))
+    with pytest.raises(evaluate.EvaluateError, match=r"expected scales \(N latent sides\) and sigmas \(N \+ 1"):
+        evaluate.read_schedule(tmp_path)
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def test_no_eval_prompts_is_a_clear_error(tmp_path, inputs):
+    empty_list = tmp_path / "listed-none"
+    empty_list.mkdir()
+    (empty_list / "shards.json").write_text(json.dumps({"train": [], "eval": []}))
+    ctx = context(tmp_path, evaluate.Config(), {**inputs, "shards": empty_list})
+    with pytest.raises(evaluate.EvaluateError, match=r"no eval prompts: the shards stage lists no eval shard"):
+        evaluate.run(ctx)
+    empty_tar = make_shards_output(tmp_path / "empty-tar", 0)
+    ctx = context(tmp_path, evaluate.Config(), {**inputs, "shards": empty_tar})
+    with pytest.raises(evaluate.EvaluateError, match=r"no eval prompts: the eval shards \(1: .*eval-000000.tar\) "
+                                                     r"hold no samples"):
+        evaluate.run(ctx)
+
+
+def test_missing_clip_or_inception_path_fails_before_any_work(tmp_path, inputs):
+    ctx = context(tmp_path, evaluate.Config(clip_model=str(tmp_path / "no-clip")), inputs)
+    with pytest.raises(metrics.MetricError, match=r"evaluate\.clip_model .*no-clip.*no such directory"):
+        evaluate.run(ctx)
+    ctx = context(tmp_path, evaluate.Config(inception_weights=str(tmp_path / "no-inception.pt")), inputs)
+    with pytest.raises(metrics.MetricError, match=r"evaluate\.inception_weights .*no-inception\.pt.*no such file"):
+        evaluate.run(ctx)
+
+
+def test_optional_metric_with_a_missing_path_is_skipped_with_a_warning(tmp_path):
+    with pytest.warns(UserWarning, match=r"no-clip.*evaluate\.clip_optional is true: skipping that metric"):
+        assert evaluate._optional(str(tmp_path / "no-clip"), True, "clip_model", metrics.resolve_clip) is None
+    with pytest.warns(UserWarning, match=r"evaluate\.inception_optional is true"):
+        assert evaluate._optional(str(tmp_path / "x.pt"), True, "inception_weights",
+                                  metrics.check_inception_weights) is None
+    assert evaluate._optional(None, False, "clip_model", metrics.resolve_clip) is None
+
+
+def test_adherence_needs_the_shapes_grammar_or_attributes(tmp_path):
+    prompts = ["a photo of a cat", "a large red circle in the top on a black background"]
+    samples = evaluate.read_eval_samples(
+        [str(make_shards_output(tmp_path / "s", 2, prompts) / "eval" / "eval-000000.tar")], None)
+    with pytest.warns(UserWarning, match=r"1 of 2 eval samples .*'eval-0000000'.* adherence metrics skipped"):
+        assert evaluate.adherence_targets(samples, "auto") is None
+    with pytest.raises(evaluate.EvaluateError, match=r"evaluate\.adherence 'on': 1 of 2 eval samples"):
+        evaluate.adherence_targets(samples, "on")
+    assert evaluate.adherence_targets(samples, "off") is None
+    assert evaluate.adherence_targets(samples[1:], "on")[0].colour == "red"
+
+
+def test_config_validation():
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match=r"evaluate\.clip_model: empty string"):
+        evaluate.Config(clip_model=" ")
+    with pytest.raises(ValidationError, match=r"adherence"):
+        evaluate.Config(adherence="sometimes")
