@@ -106,6 +106,7 @@ def main(argv=None) -> int:
               f"images/s end to end; peak memory +{f['peak_pss_gib']:.2f} GiB over {f['base_pss_gib']:.2f} GiB",
               flush=True)
     bare_runs.append(measure_bare("after"))  # the spread of the two shows how noisy the machine is
+    cpu = {k: min(b["cpu_ms_per_image"][k] for b in bare_runs) for k in bare_runs[0]["cpu_ms_per_image"]}
     bare = {"images": bare_runs[0]["images"], "wall_s": sum(b["wall_s"] for b in bare_runs) / 2,
             "images_per_s": sum(b["images_per_s"] for b in bare_runs) / 2}
     a, b = full["1x"], full[f"{args.scale}x"]
@@ -122,6 +123,7 @@ def main(argv=None) -> int:
         "ratio_end_to_end": {k: round(v["images_per_s"] / rate, 3) for k, v in full.items()},
         "ratio_marginal": round(marginal / rate, 3) if marginal else None,
         "peak_memory_growth_gib": round(b["peak_pss_gib"] - a["peak_pss_gib"], 3),
+        "cpu_ms_per_image": {k: round(v, 3) for k, v in cpu.items()},
         "goal_ratio": GOAL_RATIO,
     }
     print("\n| path | images | wall s | images/s end to end | images/s steady | steady / bare | "
@@ -136,7 +138,11 @@ def main(argv=None) -> int:
     if marginal:
         print(f"| full, marginal {args.scale}x - 1x | {b['rows'] - a['rows']} | {b['wall_s'] - a['wall_s']:.1f} | "
               f"{marginal:.1f} | | | {marginal / rate:.2f} | |")
-    print(f"\ngoal full / bare >= {GOAL_RATIO}: steady {result['ratio_steady']}, end to end "
+    overhead = cpu["read"] + cpu["decode"] + cpu["rows"]
+    print(f"\nCPU ms per image (one process, one thread): read {cpu['read']:.2f}, decode + downsample "
+          f"{cpu['decode']:.2f}, encoder forward {cpu['forward']:.2f}, cache rows {cpu['rows']:.2f}; "
+          f"everything but the forward = {overhead / cpu['forward']:.0%} of it")
+    print(f"goal full / bare >= {GOAL_RATIO}: steady {result['ratio_steady']}, end to end "
           f"{result['ratio_end_to_end']}, marginal {result['ratio_marginal']}; peak memory {args.scale}x - 1x: "
           f"{result['peak_memory_growth_gib']:+.2f} GiB")
     if args.json:
@@ -168,30 +174,48 @@ def make_shards(directory: Path, images: int, per_shard: int, side: int) -> list
 
 
 def bare_forward(spec, urls: list[str], batch_size: int, repeats: int) -> dict:
-    """In a Ray actor-like task: decode everything first (not timed), then time the encoders."""
+    """In a Ray task: decode everything first (not timed), then time the encoders. Also the CPU time
+    per image of each part of the full path, one after the other in this process (CPU time is much
+    less sensitive than wall time to other load on the machine)."""
     import numpy as np
     import pyarrow as pa
     import torch
 
     from stages import cache
 
-    rows = [r for url in urls for chunk, _ in cache.read_shard(url, "bench") for r in chunk]
+    def cpu_ms(fn, n):
+        start = time.process_time()
+        out = fn()
+        return out, 1000 * (time.process_time() - start) / n
 
-    decoded = cache.decode_images(pa.Table.from_pylist(rows, schema=cache.sample_schema()), spec)
-    n = len(decoded["key"])
+    read = lambda: [r for url in urls for chunk, _ in cache.read_shard(url, "bench") for r in chunk]  # noqa: E731
+    rows = read()
+    table = pa.Table.from_pylist(rows, schema=cache.sample_schema())
+    cache.decode_images(table.slice(0, 4), spec)  # imports
+    n = len(rows)
+    _, read_ms = cpu_ms(read, n)
+    decoded, decode_ms = cpu_ms(lambda: cache.decode_images(table, spec), n)
     batches = [{k: v[i:i + batch_size] for k, v in decoded.items()} for i in range(0, n, batch_size)]
     encoder = cache.TeacherEncoder(spec)
     encoder.forward(batches[0])  # warm-up
     sync = torch.cuda.synchronize if spec.device == "cuda" else (lambda: None)
     sync()
     start = time.perf_counter()
+    cpu_start = time.process_time()
     for _ in range(repeats):
         for batch in batches:
             out = encoder.forward(batch)
     sync()
     wall = time.perf_counter() - start
+    forward_ms = 1000 * (time.process_time() - cpu_start) / (n * repeats)
+    outputs = [encoder.forward(b) for b in batches]
+    names = cache.tensor_names(len(spec.scales))
+    _, rows_ms = cpu_ms(lambda: [cache.rows_table(list(b["key"]), list(b["prompt"]), list(b["shard_key"]), o, names)
+                                 for b, o in zip(batches, outputs)], n)  # tensors -> cache rows (bytes, Arrow)
     assert np.isfinite(out["z_0"].float().cpu().numpy()).all()
-    return {"images": n, "wall_s": wall, "images_per_s": n * repeats / wall, "threads": torch.get_num_threads()}
+    return {"images": n, "wall_s": wall, "images_per_s": n * repeats / wall, "threads": torch.get_num_threads(),
+            "cpu_ms_per_image": {"read": read_ms, "decode": decode_ms, "forward": forward_ms,
+                                 "rows": rows_ms}}
 
 
 def run_stage(root: Path, bundle: Path, urls: list[str], cfg, swd, teacher) -> dict:
