@@ -19,6 +19,7 @@ if __name__ == "__main__":  # run as a script: import the project, not sibling m
     sys.path.insert(0, str(_here.parent))
 
 import argparse
+import json
 import os
 import time
 import traceback
@@ -135,8 +136,8 @@ def _mirror_parent_metrics(mlc, parent: str, manifest: dict) -> None:
 
 
 def check_environment(cfg: PipelineConfig) -> None:
-    """Problems that need the filesystem, collected together: shards and the workdir."""
-    problems: list[str] = []
+    """Problems that need the filesystem, collected together: the teacher, shards, the workdir."""
+    problems: list[str] = teacher_problems(cfg)
     given = {s: getattr(cfg.data, f"{s}_shards") for s in ("train", "eval")}
     if (given["train"] is None) != (given["eval"] is None):
         problems.append("data.train_shards / data.eval_shards: give both or neither (generated eval "
@@ -156,6 +157,28 @@ def check_environment(cfg: PipelineConfig) -> None:
         problems.append(f"workdir: {str(cfg.workdir)!r} is not writable ({e.strerror}); choose another with workdir=PATH")
     if problems:
         raise ConfigError(problems)
+
+
+def teacher_problems(cfg: PipelineConfig) -> list[str]:
+    """The teacher exists, and the SwD schedule fits it (patch size, latent side, blocks)."""
+    from pipeline.swd.config import check_against_teacher
+    from pipeline.teacher import TeacherError, resolve_pretrained
+
+    t = cfg.teacher
+    if t.pretrained is None:  # the embedded tiny teacher, trained by the teacher stage (VAE factor 4)
+        shape = {"patch_size": t.patch_size, "sample_size": cfg.data.generator.image_side_px // 4,
+                 "num_layers": t.num_layers}
+    else:
+        try:
+            directory = resolve_pretrained(t.pretrained, t.local_files_only)
+        except TeacherError as e:
+            return [str(e)]
+        shape = json.loads((directory / "transformer" / "config.json").read_text())
+    try:
+        check_against_teacher(cfg.swd, shape["patch_size"], shape["sample_size"], shape["num_layers"])
+    except ValueError as e:
+        return [f"{line} (teacher: {t.pretrained or 'embedded tiny teacher'})" for line in str(e).splitlines()]
+    return []
 
 
 def init_ray(cfg: PipelineConfig) -> None:

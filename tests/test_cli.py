@@ -92,3 +92,16 @@ def test_unreachable_tracking_server_fails_fast(workdir, server):
     assert f"MLflow tracking server http://127.0.0.1:{port} cannot be reached" in out.stderr
     assert time.monotonic() - start < 30
     assert not (workdir / "shards").exists()
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["swd.feature_block=9"], r"swd\.feature_block: 9 is not a block of the teacher, which has 4 blocks"),
+    (["swd.preset=null", "swd.scales=[7,16]", "swd.boundaries=[0,14]"], r"swd\.scales: \[7, 16\] has sides \[7\] that are not multiples of the teacher's patch size 2"),
+    (["teacher.pretrained=/no/such/teacher"], r"teacher\.pretrained '/no/such/teacher': no such directory"),
+])
+def test_teacher_and_schedule_mismatch_refused_before_work(workdir, overrides, message):
+    import re
+
+    out = run_cli("--dry-run", f"workdir={workdir}", *overrides)
+    assert out.returncode == 2
+    assert re.search(message, out.stderr), out.stderr
