@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 import tarfile
 import types
 from pathlib import Path
@@ -204,7 +205,9 @@ def test_cached_latents_and_embeddings_equal_a_direct_encode(first_run, pipeline
     assert manifest["encoder"]["location"] == str(Path(loaded.location))
     assert [Path(e["dir"]).is_dir() for e in manifest["shards"]] == [True, True]
 
-    rows = cache.read_cache(first_run.output_dir).take_all()
+    # one Ray Data read, as the distill stage reads it: numpy batches
+    numpy_batches = list(cache.read_cache(first_run.output_dir).iter_batches(batch_size=8, batch_format="numpy"))
+    rows = [{k: v[b] for k, v in nb.items()} for nb in numpy_batches for b in range(len(nb["key"]))]
     assert len(rows) == 20
     row = rows[0]
     assert row["z_0_dtype"] == "float32" and list(row["z_0_shape"]) == [4, scales[0], scales[0]]
@@ -229,16 +232,20 @@ def test_cached_latents_and_embeddings_equal_a_direct_encode(first_run, pipeline
     # s[-1] := s[0]: the previous-scale latent of scale 0 is the scale-0 latent itself
     torch.testing.assert_close(batch["z_im1"][0], batch["z"][0])
 
-    # the batch formats a Ray Data consumer gets decode the same
+    # every batch format a Ray Data consumer can ask for decodes the same (pyarrow and pandas read
+    # straight from one shard's Parquet files), and so does a single row
+    import pyarrow.parquet as pq
+
     by_key = {k: b for b, k in enumerate(batch["key"])}
-    ds = cache.read_cache(first_run.output_dir).materialize()
-    for fmt in ("numpy", "pyarrow", "pandas"):
-        got = cache.decode_batch(next(iter(ds.iter_batches(batch_size=5, batch_format=fmt))))
-        assert len(got["key"]) == 5 and got["prompt_embeds"].shape == (5, *batch["prompt_embeds"].shape[1:])
+    table = pq.read_table(manifest["shards"][0]["dir"])
+    for got in (cache.decode_batch(numpy_batches[0]), cache.decode_batch(table), cache.decode_batch(table.to_pandas())):
         rows_of = [by_key[k] for k in got["key"]]
+        assert got["prompt_embeds"].shape == (len(rows_of), *batch["prompt_embeds"].shape[1:])
         for i in range(len(scales)):
             assert torch.equal(got["z"][i], batch["z"][i][rows_of])
             assert torch.equal(got["z_im1"][i], batch["z_im1"][i][rows_of])
+    one = cache.decode_row(rows[3])
+    assert torch.equal(one["z_2"], batch["z"][2][by_key[one["key"]]]) and one["z_2"].shape == (4, 12, 12)
 
 
 def test_adding_a_shard_encodes_only_that_shard(first_run, pipeline_root, bundle):
@@ -256,19 +263,33 @@ def test_adding_a_shard_encodes_only_that_shard(first_run, pipeline_root, bundle
     assert {k: p.stat().st_mtime_ns for k, p in records.items()} == stamps  # untouched
     assert cache.read_cache(out.output_dir).count() == 26
 
-    # the same command again: the whole stage is cached; another encoder setting re-encodes everything
-    again = run_graph(pipeline_root, bundle)
-    assert again.action == "cached"
-    other = run_graph(pipeline_root, bundle, "cache.storage_dtype=bfloat16")
-    summary = graph.read_manifest(other.output_dir)["summary"]
-    assert summary["shards_encoded"] == 3 and summary["shards_reused"] == 0
-    rows = cache.read_cache(other.output_dir).take(4)
-    assert rows[0]["z_1_dtype"] == "bfloat16" and len(rows[0]["z_1"]) == 2 * 4 * 10 * 10
-    bf16 = cache.decode_batch({k: [r[k] for r in rows] for k in rows[0]})
-    f32 = {r["key"]: cache.decode_row(r) for r in cache.read_cache(out.output_dir).take_all()}
-    for b, key in enumerate(bf16["key"]):
-        assert bf16["z"][1].dtype == torch.bfloat16
-        torch.testing.assert_close(bf16["z"][1][b].float(), f32[key]["z_1"], rtol=1e-2, atol=1e-2)
+    # the same command again: the whole stage is cached
+    assert run_graph(pipeline_root, bundle).action == "cached"
+
+
+def test_shard_key_changes_with_what_changes_the_bytes(bundle, tmp_path):
+    directory = tmp_path / "copy"
+    shutil.copytree(bundle, directory)
+    spec = cache.EncoderSpec(location=str(directory), dtype="float32", device="cpu", load_t5=True,
+                             local_files_only=True, posterior="mode", seed=0, storage_dtype="float32",
+                             scales=[8, 10, 12, 16], vae_scale_factor=4)
+    shard = cache.Shard("/data/train-000.tar", 1000, 5)
+
+    def key(shard=shard, **changes):
+        s = cache.EncoderSpec(**{**spec.__dict__, **changes})
+        return cache.shard_key(shard, cache.encoder_identity(directory, s), s)
+
+    base = key()
+    assert key() == base and key(device="cuda") == base and key(seed=1) == base  # seed only matters for sample
+    for changed in (dict(storage_dtype="bfloat16"), dict(dtype="bfloat16"), dict(posterior="sample"),
+                    dict(scales=[8, 16]), dict(load_t5=False), dict(shard=cache.Shard(shard.url, 1001, 5))):
+        assert key(**changed) != base, changed
+    weights = directory / "transformer" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes() + b" ")  # the transformer is not an encoder
+    assert key() == base
+    vae = directory / "vae" / "config.json"
+    vae.write_text(vae.read_text() + " ")
+    assert key() != base
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -340,21 +361,22 @@ def test_bad_input_is_skipped_counted_and_good_samples_kept(bad_root):
 
 def test_too_many_rejects_fail_with_a_clear_error_and_keep_the_encoded_shards(bad_root, bundle):
     root, kinds, urls, ctx = bad_root
-    strict = _context(root, bundle, urls, cache.Config(batch_size=8, decode_batch_size=8, max_bad_fraction=0.05))
+    readable_again = urls[:-1]  # all but the directory: every shard is cached or unreadable, no Ray work
+    strict = _context(root, bundle, readable_again, cache.Config(batch_size=8, max_bad_fraction=0.05))
     with pytest.raises(RuntimeError, match=r"cache: \d+\.\d+% of the train samples were rejected, more than "
-                                           r"cache.max_bad_fraction=0.05 \(13 rejects: .*'not_image': 2.*"
+                                           r"cache.max_bad_fraction=0.05 \(12 rejects: .*'not_image': 2.*"
                                            r"rejects.jsonl"):
         cache.run(strict)
     rejects = (strict.output_dir / cache.REJECTS_FILE).read_text()  # written before failing
-    assert rejects.count("\n") == 13
+    assert rejects.count("\n") == 12
     assert strict.summary["shards_reused"] == len(urls) - 2 and strict.summary["rows_encoded"] == 0
 
 
-def test_all_rejected_fails_even_when_allowed(tmp_path, ray_local, bundle):
-    only_bad = write_tar(tmp_path / "small.tar", sample("x0000", 1, 16, 16))
-    ctx = _context(tmp_path, bundle, [str(only_bad)], cache.Config(batch_size=8, max_bad_fraction=1.0))
+def test_nothing_usable_fails_even_when_rejects_are_allowed(bad_root, bundle):
+    root, kinds, urls, ctx = bad_root
+    ctx = _context(root, bundle, [urls[-2]], cache.Config(max_bad_fraction=1.0))  # the deleted shard only
     with pytest.raises(RuntimeError, match=r"cache: no usable sample in 1 train shard\(s\); rejects by reason "
-                                           r"\{'too_small': 1\}"):
+                                           r"\{'unreadable_shard': 1\}"):
         cache.run(ctx)
 
 
