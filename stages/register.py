@@ -6,8 +6,8 @@ Steps:
 2. Save the student as an MLflow pyfunc model ("models from code": `student_model()`, no pickled
    Python objects; weights stay safetensors): artifacts = the distill export (`student/` LoRA
    directory + `schedule.json`) and the teacher bundle (copied when `copy_teacher`, otherwise its
-   location / hub id goes into the model config). `predict` takes prompts (a DataFrame column
-   `prompt`, a list or a string; param `seed`) and returns uint8 images [B, H, W, 3], generated with
+   location / hub id goes into the model config). `predict` takes prompts (a DataFrame with a
+   `prompt` column; param `seed`, default 0) and returns uint8 images [B, H, W, 3], generated with
    the diffusers SD3 components and the scale-wise sampler of SWD.md section 3. Logged under the
    stage's run as `student/`, then registered as a new version of `register.model_name`, tagged with
    the eval-set fingerprint, every canonical metric (`metric.<name>`) and the source runs.
@@ -316,15 +316,10 @@ def student_model():
                 import numpy as np
                 import pandas as pd
 
-                if isinstance(model_input, pd.DataFrame):
-                    if "prompt" not in model_input.columns:
-                        raise ValueError(f"expected a DataFrame with a 'prompt' column, got columns "
-                                         f"{list(model_input.columns)}")
-                    prompts = [str(p) for p in model_input["prompt"]]
-                elif isinstance(model_input, str):
-                    prompts = [model_input]
-                else:
-                    prompts = [str(p) for p in model_input]
+                if not isinstance(model_input, pd.DataFrame) or "prompt" not in model_input.columns:
+                    raise ValueError(f"expected a DataFrame with a 'prompt' column (the model's signature), got "
+                                     f"{type(model_input).__name__}")
+                prompts = [str(p) for p in model_input["prompt"]]
                 if not prompts:
                     return np.zeros((0, 0, 0, 3), np.uint8)
                 return self.generator(prompts, int((params or {}).get("seed", 0)))
