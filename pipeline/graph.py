@@ -50,13 +50,16 @@ class StageSpec:
 
 
 def default_stages() -> list[StageSpec]:
-    from stages import cache, distill, shards, teacher
+    from stages import cache, distill, evaluate, register, shards, teacher
 
     return [
         StageSpec("shards", shards),
         StageSpec("teacher", teacher, inputs=("shards",)),
         StageSpec("cache", cache, inputs=("shards", "teacher")),
         StageSpec("distill", distill, inputs=("cache", "teacher")),
+        # evaluate also reads the optional "distill_baseline" (the full-resolution baseline) when the graph has it
+        StageSpec("evaluate", evaluate, inputs=("shards", "teacher", "distill")),
+        StageSpec("register", register, inputs=("teacher", "distill", "evaluate")),
     ]
 
 
