@@ -363,6 +363,10 @@ def encode_shards(shards: list[Shard], spec: EncoderSpec, identity: dict, cfg: C
     return rows, failed, steady
 
 
+# Idle OpenMP threads sleep instead of spinning (shared CPUs); no tokenizer thread pools in actors.
+ENCODER_ENV = {"env_vars": {"OMP_WAIT_POLICY": "PASSIVE", "TOKENIZERS_PARALLELISM": "false"}}
+
+
 def build_dataset(shards: list[Shard], spec: EncoderSpec, cfg: Config, gpus: float, tally):
     """The Ray Data pipeline of steps 2-4 (written by the caller)."""
     import ray
@@ -380,7 +384,7 @@ def build_dataset(shards: list[Shard], spec: EncoderSpec, cfg: Config, gpus: flo
     return ds.map_batches(TeacherEncoder, batch_size=cfg.batch_size, batch_format="numpy",
                           fn_constructor_kwargs={"spec": spec, "tally": tally},
                           compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cfg.num_encoders),
-                          num_cpus=cfg.num_cpus_per_encoder, num_gpus=gpus)
+                          num_cpus=cfg.num_cpus_per_encoder, num_gpus=gpus, runtime_env=ENCODER_ENV)
 
 
 def decode_memory_bytes(spec: EncoderSpec, batch_size: int) -> int:
