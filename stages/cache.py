@@ -164,7 +164,7 @@ def run(ctx: StageContext) -> None:
     steady: list[float] = []
     for first in range(0, len(new), cfg.max_shards_per_write):
         batch = new[first:first + cfg.max_shards_per_write]
-        rows, unreadable, rate = encode_shards(batch, spec, identity, cfg, gpus, shared, Path(ctx.scratch_dir),
+        rows, unreadable, rate = encode_shards(batch, spec, cfg, gpus, shared, Path(ctx.scratch_dir),
                                                ctx.tracking_uri, ctx.run_id, started, encoded_rows)
         encoded_rows += rows
         failed.update(unreadable)
@@ -329,8 +329,8 @@ def shard_key(shard: Shard, identity: dict, spec: EncoderSpec) -> str:
 # ----------------------------------------------------------------------------- one round of Ray Data
 
 
-def encode_shards(shards: list[Shard], spec: EncoderSpec, identity: dict, cfg: Config, gpus: float, shared: Path,
-                  scratch: Path, tracking_uri: str, run_id: str, started: float, rows_before: int
+def encode_shards(shards: list[Shard], spec: EncoderSpec, cfg: Config, gpus: float, shared: Path, scratch: Path,
+                  tracking_uri: str, run_id: str, started: float, rows_before: int
                   ) -> tuple[int, dict[str, dict], float | None]:
     """Read, decode, encode and write `shards`, then commit each into `shared/<key>/`.
 
@@ -338,16 +338,18 @@ def encode_shards(shards: list[Shard], spec: EncoderSpec, identity: dict, cfg: C
     not committed so the next run tries them again, steady-state rows/s of the encoders)."""
     import ray
 
-    tally = ray.remote(num_cpus=0)(Tally).remote()
     out = scratch / f"write-{uuid.uuid4().hex[:8]}"
     for stale in scratch.glob("write-*"):  # left by a killed run of this fingerprint
         shutil.rmtree(stale, ignore_errors=True)
-    ds = build_dataset(shards, spec, cfg, gpus, tally)
-    with _Progress(tally, tracking_uri, run_id, started, rows_before, cfg.log_every_s):
-        ds.write_parquet(str(out), partition_cols=["shard_key"])
-    rejects, unreadable = ray.get(tally.rejects.remote())
-    steady = ray.get(tally.steady_rows_per_s.remote())
-    ray.kill(tally)
+    tally = ray.remote(num_cpus=0)(Tally).remote()
+    try:
+        ds = build_dataset(shards, spec, cfg, gpus, tally)
+        with _Progress(tally, tracking_uri, run_id, started, rows_before, cfg.log_every_s):
+            ds.write_parquet(str(out), partition_cols=["shard_key"])
+        rejects, unreadable = ray.get(tally.rejects.remote())
+        steady = ray.get(tally.steady_rows_per_s.remote())
+    finally:
+        ray.kill(tally)
 
     rows = 0
     failed = {}
@@ -546,7 +548,7 @@ def scan_tar(fileobj, size: int) -> Scan:
         tar = tarfile.open(fileobj=fileobj, mode="r:", ignore_zeros=True)
         for m in tar:
             members.append(m)
-    except (tarfile.TarError, EOFError, OSError) as e:  # a truncated header or data, a bad extended header
+    except Exception as e:  # a truncated header or data, a bad extended header: keep what came before
         stopped = f"{type(e).__name__}: {e}"
     truncated: set[str] = set()
     pos = 0
@@ -661,7 +663,8 @@ def _local_file(url: str) -> Iterator[tuple[Any, int]]:
 
 def read_shard(url: str, shard_key: str) -> Iterator[tuple[list[dict], list[dict]]]:
     """(samples, rejects) in chunks: samples are {key, shard_key, prompt, image, image_ext} with the
-    image bytes undecoded. Never raises for bad data: an unreadable shard is one reject."""
+    image bytes undecoded. Never raises: a shard that cannot be read is one `unreadable_shard`
+    reject (its samples already yielded are dropped by the caller, which does not commit it)."""
     try:
         with _local_file(url) as (f, size):
             scan = scan_tar(f, size)
@@ -689,7 +692,7 @@ def read_shard(url: str, shard_key: str) -> Iterator[tuple[list[dict], list[dict
                     rows = []
             if rows:
                 yield rows, []
-    except OSError as e:
+    except Exception as e:  # OSError, or anything tarfile raises on bytes it does not expect: not cached, retried
         yield [], [{"url": url, "key": url, "reason": "unreadable_shard", "detail": f"{type(e).__name__}: {e}"}]
 
 
