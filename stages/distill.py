@@ -151,7 +151,7 @@ def run(ctx: StageContext) -> None:
     result = fit(spec, ctx.inputs["cache"], storage, name, cfg)
     wall_s = time.monotonic() - started
 
-    metrics = dict(result.metrics or {})
+    metrics = dict(result.return_value or {})  # rank 0's train_loop return value
     if metrics.get("stopped") == "nonfinite":
         ckpt = result.checkpoint.path if result.checkpoint else None
         raise RuntimeError(
@@ -300,9 +300,9 @@ def schedule_record(swd, vae_scale_factor: int, export_kind: str) -> dict:
 # ----------------------------------------------------------------------------- worker
 
 
-def train_loop(config: dict) -> None:
-    """Ray Train's per-worker function."""
-    Trainer(LoopSpec(**config)).train()
+def train_loop(config: dict) -> dict:
+    """Ray Train's per-worker function; rank 0's return value reaches the driver (`Result.return_value`)."""
+    return Trainer(LoopSpec(**config)).train()
 
 
 def ds_config(cfg: Config, lr: float, world_size: int, bf16: bool) -> dict:
@@ -383,43 +383,43 @@ class Trainer:
                 model=nets.fake, model_parameters=nets.fake_parameters(),
                 config=ds_config(self.cfg, self.cfg.fake_lr, self.world, self.bf16))
 
-    def restore(self) -> bool:
-        """Engine states and loop state from `ray.train.get_checkpoint()`; False when starting fresh."""
-        import ray.train
-
-        checkpoint = ray.train.get_checkpoint()
-        if checkpoint is None:
-            return False
+    def restore_engines(self, checkpoint) -> None:
+        """Both engines' states from a checkpoint (every rank reads its own ZeRO partition)."""
         with checkpoint.as_directory() as d:
-            d = Path(d)
             for engine, sub in ((self.student, "student"), (self.fake, "fake")):
                 if engine is not None:
-                    path, _ = engine.load_checkpoint(str(d / sub), tag=ENGINE_TAG, load_module_strict=False)
+                    path, _ = engine.load_checkpoint(str(Path(d) / sub), tag=ENGINE_TAG, load_module_strict=False)
                     if path is None:
                         raise RuntimeError(f"distill: checkpoint {checkpoint.path} has no {sub} engine state")
-            self.state.update(json.loads((d / STATE_FILE).read_text()))
-        return True
 
     # ---------------------------------------------------------------- the run
 
-    def train(self) -> None:
+    def train(self) -> dict:
+        """The run from wherever the checkpoint left it; returns how it ended (the last step, and
+        `stopped` when the non-finite guard ended it)."""
         import ray.train
 
         started = time.monotonic()
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is not None:  # the loop state first: the data position decides what to skip
+            with checkpoint.as_directory() as d:
+                self.state.update(json.loads((Path(d) / STATE_FILE).read_text()))
+        # Ray Data starts streaming (tens of seconds on a busy machine) while the models load.
+        batches = Prefetch(self.batches()) if self.state["step"] < self.cfg.num_steps else iter(())
         self.build()
-        resumed = self.restore()
+        if checkpoint is not None:
+            self.restore_engines(checkpoint)
         self.state["attempts"] += 1
         self.logger = MetricsLogger(self) if self.rank == 0 else None
         if self.rank == 0:
             _say(f"[distill] worker ready in {time.monotonic() - started:.1f} s (teacher, networks, "
-                  f"{'two engines' if self.fake is not None else 'one engine'}, checkpoint) on {self.device}")
-        if resumed and self.rank == 0:
+                 f"{'two engines' if self.fake is not None else 'one engine'}, checkpoint) on {self.device}")
+        if checkpoint is not None and self.rank == 0:
             _say(f"[distill] resumed at step {self.state['step']}/{self.cfg.num_steps} (attempt "
-                  f"{self.state['attempts']}); MLflow continues after step {self.logger.last_logged}")
+                 f"{self.state['attempts']}); MLflow continues after step {self.logger.last_logged}")
             self._dump_weights(f"loaded_step{self.state['step']}")
-        batches = self.batches()
         start_step = self.state["step"]
-        last_time, interval = time.monotonic(), Interval()
+        interval = Interval()
         while self.state["step"] < self.cfg.num_steps:
             step = self.state["step"] + 1
             t0 = time.monotonic()
@@ -436,13 +436,16 @@ class Trainer:
             if step % self.cfg.sample_every == 0 or step == self.cfg.num_steps:
                 self.sample(step)
             if self.state["nonfinite_in_a_row"] >= self.cfg.max_nonfinite_steps:
-                ray.train.report({"stopped": "nonfinite", **self.report_metrics(step)})
-                return
+                # Not an exception: Ray Train would retry it (max_failures). No checkpoint either: the last
+                # one holds the last good weights. Every rank stops here (the skips are collective).
+                self._dump_weights(f"stopped_step{step}")
+                return {"stopped": "nonfinite", **self.report_metrics(step)}
             if step % self.cfg.checkpoint_every == 0 or step == self.cfg.num_steps:
                 self.checkpoint(step, final=step == self.cfg.num_steps)
             self._hook_step(step)
         if start_step >= self.cfg.num_steps and self.rank == 0:
             _say(f"[distill] the checkpoint is already at step {start_step}; nothing left to train")
+        return self.report_metrics(self.state["step"])
 
     @property
     def images_per_step(self) -> int:
@@ -687,6 +690,35 @@ class Trainer:
                    if p.requires_grad}
         Path(self.hooks["dump_dir"]).mkdir(parents=True, exist_ok=True)
         save_file(tensors, str(Path(self.hooks["dump_dir"]) / f"{name}.safetensors"))
+
+
+class Prefetch:
+    """An iterator whose first item is fetched in a background thread from construction on."""
+
+    def __init__(self, iterator):
+        import threading
+
+        self.iterator, self.first, self.error = iterator, None, None
+        self.thread = threading.Thread(target=self._fetch, daemon=True, name="distill-prefetch")
+        self.thread.start()
+
+    def _fetch(self):
+        try:
+            self.first = next(self.iterator)
+        except BaseException as e:  # re-raised in the training thread
+            self.error = e
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self.thread is not None:
+            self.thread.join()
+            self.thread = None
+            if self.error is not None:
+                raise self.error
+            return self.first
+        return next(self.iterator)
 
 
 class Interval:

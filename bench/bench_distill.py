@@ -1,0 +1,207 @@
+"""Overhead of the distill stage's machinery: a 1-worker Ray Train + DeepSpeed run of the stage's
+training loop against a bare single-process PyTorch loop with the same networks, losses, optimiser
+settings and batches (tiny bundle, a synthetic latent cache), side by side in one run.
+
+    python bench/bench_distill.py [--steps 24] [--warmup 6] [--zero-stage 2] [--json out.json]
+
+Both run with one torch thread (a worker holds one CPU; the other feeds Ray Data) and passive OpenMP
+waits. Steps/s is steady state: wall time from the end of step `warmup` to the end of the last step
+(the Ray run's from the timestamps of its MLflow progress metric, logged every `warmup` steps), so
+start-up (Ray Train workers, model load, Ray Data start, DeepSpeed init) is reported separately. The
+bare loop runs before and after the Ray run; its figure is the mean of the two (the CPU is shared).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the stage's workers run (before torch loads)
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+
+from pipeline import tiny  # noqa: E402
+from pipeline.config import load_config  # noqa: E402
+from stages import cache, distill  # noqa: E402
+
+
+def synthetic_cache(root: Path, bundle_dir: Path, rows: int, scales: list[int]) -> Path:
+    """A cache output of `rows` rows: the bundle's prompt embeddings, random latents per scale."""
+    import pyarrow.parquet as pq
+
+    from pipeline.shapes import COLOURS_RGB, SHAPES
+    from pipeline.teacher import load_bundle
+
+    bundle = load_bundle(bundle_dir)
+    colours = list(COLOURS_RGB)
+    prompts = [f"a {colours[i % len(colours)]} {SHAPES[i % len(SHAPES)]} in the centre on a black background"
+               for i in range(rows)]
+    with torch.no_grad():
+        prompt_embeds, pooled = bundle.encode_prompt(prompts)
+    g = torch.Generator().manual_seed(0)
+    tensors = {"prompt_embeds": prompt_embeds, "pooled_prompt_embeds": pooled}
+    for i, side in enumerate(scales):
+        prev = scales[max(i - 1, 0)]
+        tensors[f"z_{i}"] = torch.randn(rows, 4, side, side, generator=g)
+        tensors[f"z_im1_{i}"] = torch.randn(rows, 4, prev, prev, generator=g)
+    (root / "data").mkdir(parents=True)
+    table = cache.rows_table([f"k{i:05d}" for i in range(rows)], prompts, ["s"] * rows, tensors,
+                             cache.tensor_names(len(scales)))
+    pq.write_table(table, root / "data" / "part-0.parquet")
+    (root / cache.CACHE_FILE).write_text(json.dumps({"scales": scales, "vae_scale_factor": 4, "rejects_by_reason": {},
+                                                     "shards": [{"dir": str(root / "data"), "rows": rows}]}))
+    return root
+
+
+def bare_loop(bundle_dir: Path, cache_dir: Path, cfg, swd, steps: int, warmup: int) -> dict:
+    """The stage's step (SWD.md section 4) in plain PyTorch: torch AdamW, clip_grad_norm_, no Ray, no DeepSpeed."""
+    import pyarrow.parquet as pq
+
+    from pipeline.swd import (TextCond, build_networks, choose_scale_index, fake_loss, generator_loss,
+                              training_inputs, x0_hat)
+    from pipeline.teacher import load_bundle
+
+    torch.set_num_threads(1)
+    started = time.monotonic()
+    bundle = load_bundle(bundle_dir)
+    with torch.no_grad():
+        uncond = TextCond(*bundle.encode_prompt([""]))
+    nets = build_networks(bundle.transformer, swd)
+    adamw = dict(betas=cfg.betas, eps=1e-8, weight_decay=cfg.weight_decay)
+    opt_s = torch.optim.AdamW(nets.student_parameters(), lr=cfg.lr, **adamw)
+    opt_f = torch.optim.AdamW(nets.fake_parameters(), lr=cfg.fake_lr, **adamw) if nets.fake is not None else None
+    table = pq.read_table(cache_dir / "data")
+    columns = distill.cache_columns(swd.schedule.scales, json.loads((cache_dir / cache.CACHE_FILE).read_text())["scales"])
+    batch_size, position = cfg.batch_size_per_worker, [0]
+
+    def next_batch():
+        if position[0] + batch_size > table.num_rows:
+            position[0] = 0
+        batch = cache.decode_batch(table.slice(position[0], batch_size))
+        position[0] += batch_size
+        return batch
+
+    def inputs(batch, i, g):
+        z_col, zim1_col = columns[i]
+        cond = TextCond(batch["prompt_embeds"].float(), batch["pooled_prompt_embeds"].float())
+        s = swd.schedule
+        return training_inputs(batch[zim1_col].float(), i, s.scales, s.sigmas, generator=g), batch[z_col].float(), cond
+
+    def generator(step, k):
+        return torch.Generator().manual_seed(((cfg.seed * 1_000_003 + step) * 1009 + k) * 4099)
+
+    def step_fn(step):
+        s = swd.schedule
+        i = choose_scale_index(step - 1, len(s.scales), swd.scale_index, generator(step, 99))
+        if nets.fake is not None:
+            for k in range(cfg.fake_updates_per_step):
+                g = generator(step, k)
+                inp, z, cond = inputs(next_batch(), i, g)
+                with torch.no_grad():
+                    x = x0_hat(nets.student, inp.x_in, inp.sigma, cond)
+                loss, _ = fake_loss(nets.fake, x, z, cond, swd, generator=g)
+                if torch.isfinite(loss):
+                    opt_f.zero_grad(set_to_none=True)
+                    loss.backward()
+                    torch.nn.utils.clip_grad_norm_(nets.fake_parameters(), cfg.grad_clip)
+                    opt_f.step()
+        g = generator(step, 100)
+        inp, z, cond = inputs(next_batch(), i, g)
+        x = x0_hat(nets.student, inp.x_in, inp.sigma, cond)
+        loss, _ = generator_loss(nets, x, z, cond, uncond, swd, generator=g)
+        if torch.isfinite(loss):
+            opt_s.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(nets.student_parameters(), cfg.grad_clip)
+            opt_s.step()
+
+    setup_s = time.monotonic() - started
+    for step in range(1, warmup + 1):
+        step_fn(step)
+    t0 = time.monotonic()
+    for step in range(warmup + 1, warmup + steps + 1):
+        step_fn(step)
+    wall = time.monotonic() - t0
+    return {"steps_per_s": steps / wall, "s_per_step": wall / steps, "setup_s": setup_s}
+
+
+def ray_loop(bundle_dir: Path, cache_dir: Path, root: Path, cfg, swd, teacher, steps: int, warmup: int) -> dict:
+    """The distill stage's `fit` with one worker; steady steps/s from its MLflow progress timestamps."""
+    import mlflow
+    import ray
+
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    mlc = mlflow.MlflowClient(uri)
+    run_id = mlc.create_run(mlc.create_experiment("bench", (root / "art").as_uri())).info.run_id
+    manifest = json.loads((cache_dir / cache.CACHE_FILE).read_text())
+    spec = distill.LoopSpec(
+        distill=cfg.model_dump(mode="json"), swd=swd.model_dump(mode="json"), location=str(bundle_dir),
+        teacher_dtype=teacher.dtype, load_t5=teacher.load_t5, columns=distill.cache_columns(swd.schedule.scales, manifest["scales"]),
+        sample_prompts=distill.sample_prompts(cache_dir, cfg.sample_num_prompts), tracking_uri=uri, run_id=run_id,
+        vae_scale_factor=4, hooks={})
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": str(Path(__file__).resolve().parent.parent)}})
+    try:
+        started = time.monotonic()
+        distill.fit(spec, cache_dir, str(root / "ray_train"), "bench", cfg)
+        total_s = time.monotonic() - started
+    finally:
+        ray.shutdown()
+    stamps = {int(m.step): m.timestamp for m in mlc.get_metric_history(run_id, distill.PROGRESS_METRIC)}
+    wall = (stamps[warmup + steps] - stamps[warmup]) / 1000
+    metrics = {m.key: m.value for m in mlc.get_metric_history(run_id, "s_per_step")}
+    return {"steps_per_s": steps / wall, "s_per_step": wall / steps, "fit_total_s": total_s,
+            "startup_and_end_s": total_s - wall * (warmup + steps) / steps, "logged_s_per_step": metrics.get("s_per_step")}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=24, help="timed generator steps (after the warm-up)")
+    parser.add_argument("--warmup", type=int, default=6, help="untimed generator steps first (and the log interval)")
+    parser.add_argument("--zero-stage", type=int, default=None, help="DeepSpeed ZeRO stage (default: pipeline.yaml's)")
+    parser.add_argument("--json", type=Path, help="write the figures here")
+    parser.add_argument("overrides", nargs="*", help="config overrides (key.sub=value), e.g. distill.batch_size_per_worker=4")
+    args = parser.parse_args()
+    if args.steps % args.warmup:
+        parser.error("--steps must be a multiple of --warmup (the Ray run logs every --warmup steps)")
+    overrides = ["distill.num_workers=1", "distill.use_gpu=false", "distill.num_cpus_per_worker=1",
+                 f"distill.num_steps={args.warmup + args.steps}", f"distill.log_every={args.warmup}",
+                 f"distill.checkpoint_every={10 ** 6}", f"distill.sample_every={10 ** 6}", "distill.shuffle_buffer_rows=0",
+                 *([f"distill.zero_stage={args.zero_stage}"] if args.zero_stage is not None else []), *args.overrides]
+    full = load_config(overrides=overrides)
+    cfg, swd, teacher = full.distill, full.swd, full.teacher
+    with tempfile.TemporaryDirectory(prefix="bench-distill-") as tmp:
+        root = Path(tmp)
+        bundle_dir = tiny.build_bundle(root / "bundle")
+        rows = cfg.batch_size_per_worker * (1 + cfg.fake_updates_per_step) * 4
+        cache_dir = synthetic_cache(root / "cache", bundle_dir, rows, swd.schedule.scales)
+        print(f"[bench] {swd.loss.mode} SwD, scales {swd.schedule.scales}, batch {cfg.batch_size_per_worker}, "
+              f"{cfg.fake_updates_per_step} fake updates per step, LoRA rank {swd.student.lora_rank}, ZeRO-{cfg.zero_stage}, "
+              f"{args.warmup} warm-up + {args.steps} timed steps", flush=True)
+        bare_1 = bare_loop(bundle_dir, cache_dir, cfg, swd, args.steps, args.warmup)
+        print(f"[bench] bare PyTorch (1st): {bare_1['steps_per_s']:.3f} steps/s", flush=True)
+        ray_run = ray_loop(bundle_dir, cache_dir, root, cfg, swd, teacher, args.steps, args.warmup)
+        print(f"[bench] Ray Train + DeepSpeed:  {ray_run['steps_per_s']:.3f} steps/s (fit {ray_run['fit_total_s']:.0f} s "
+              f"in all)", flush=True)
+        bare_2 = bare_loop(bundle_dir, cache_dir, cfg, swd, args.steps, args.warmup)
+        print(f"[bench] bare PyTorch (2nd): {bare_2['steps_per_s']:.3f} steps/s", flush=True)
+    bare = (bare_1["steps_per_s"] + bare_2["steps_per_s"]) / 2
+    result = {"bare_steps_per_s": bare, "bare_runs": [bare_1, bare_2], "ray_deepspeed": ray_run,
+              "ratio": ray_run["steps_per_s"] / bare, "zero_stage": cfg.zero_stage,
+              "batch_size": cfg.batch_size_per_worker, "fake_updates_per_step": cfg.fake_updates_per_step,
+              "load_average": os.getloadavg()}
+    print(f"[bench] ratio Ray Train + DeepSpeed / bare = {result['ratio']:.3f} (target >= 0.9); "
+          f"load average {result['load_average'][0]:.1f}", flush=True)
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
