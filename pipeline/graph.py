@@ -57,10 +57,23 @@ def default_stages() -> list[StageSpec]:
         StageSpec("teacher", teacher, inputs=("shards",)),
         StageSpec("cache", cache, inputs=("shards", "teacher")),
         StageSpec("distill", distill, inputs=("cache", "teacher")),
-        # evaluate also reads the optional "distill_baseline" (the full-resolution baseline) when the graph has it
-        StageSpec("evaluate", evaluate, inputs=("shards", "teacher", "distill")),
+        StageSpec("distill_baseline", distill, inputs=("cache", "teacher"),
+                  configure=lambda cfg: {"swd": full_resolution_swd(cfg.swd)},
+                  enabled=lambda cfg: cfg.evaluate.baseline),
+        StageSpec("evaluate", evaluate, inputs=("shards", "teacher", "distill", "distill_baseline")),
         StageSpec("register", register, inputs=("teacher", "distill", "evaluate")),
     ]
+
+
+def full_resolution_swd(swd):
+    """The baseline SwD is compared against: every step at the largest scale, same sigmas."""
+    from pipeline.swd.config import SwdConfig
+
+    sched = swd.schedule
+    on_grid = sched.boundaries is not None
+    return SwdConfig.model_validate({
+        **swd.model_dump(), "preset": None, "scales": [sched.scales[-1]] * len(sched.scales),
+        "boundaries": sched.boundaries if on_grid else None, "sigmas": None if on_grid else sched.sigmas})
 
 
 @dataclass

@@ -84,6 +84,9 @@ class EvaluateError(ValueError):
 class Config(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_default=True)
 
+    # Also distil and evaluate the full-resolution few-step baseline (the `distill_baseline` stage:
+    # the distill stage with every swd scale set to the largest, same sigmas, losses and steps).
+    baseline: bool = False
     max_prompts: int | None = Field(None, ge=1)  # null: every eval sample
     seed: int = 0
     batch_size: int = Field(32, ge=1)  # prompts per generation call, and per timed latency call
@@ -170,22 +173,21 @@ def run(ctx: StageContext) -> None:
     print(f"[evaluate] {len(prompts)} eval prompts from {len(urls)} shard(s); generators {', '.join(specs)}; "
           f"{cfg.num_actors} actor(s) x ({cfg.num_cpus_per_actor} CPU, {gpus} GPU) on {device}", flush=True)
 
-    # 2. generation (Ray Data), the same chunks and seeds for every generator
+    # 2. generation (Ray Data), the same chunks and seeds for every generator; the images stay in
+    # Ray's object store (materialized), the driver takes only the grid's rows
     chunks = make_chunks(prompts, cfg.batch_size, cfg.seed)
     t0 = time.monotonic()
-    images = generate(chunks, list(specs.values()), cfg, gpus)
+    generated = generate(chunks, list(specs.values()), cfg, gpus)
     generate_s = time.monotonic() - t0
-    print(f"[evaluate] generated {len(specs)} x {len(prompts)} images {images['student'].shape[1:3]} in "
-          f"{generate_s:.1f} s", flush=True)
-    side = images["student"].shape[1]
-    images["data"] = np.stack([decode_reference(s["image"], side) for s in samples])
+    side = int(generated.take(1)[0]["image"].shape[0])
+    print(f"[evaluate] generated {len(specs)} x {len(prompts)} images of {side} px in {generate_s:.1f} s", flush=True)
 
-    # 3. scores (Ray Data) and adherence
+    # 3. scores (Ray Data) of generated and reference images; adherence from the oracle's readings
     score_spec = ScoreSpec(device=device, fd_image_side_px=cfg.fd_image_side_px, clip_model=clip_model,
-                           inception_weights=str(inception) if inception else None,
+                           inception_weights=str(inception) if inception else None, oracle=targets is not None,
                            num_threads=max(1, int(cfg.num_cpus_per_actor)))
     t0 = time.monotonic()
-    scores = score(images, prompts, score_spec, cfg, gpus)
+    scores = score(generated.union(reference_dataset(samples, side)), score_spec, cfg, gpus)
     score_s = time.monotonic() - t0
     values: dict[str, float] = {}
     for name in specs:
@@ -196,14 +198,14 @@ def run(ctx: StageContext) -> None:
         if "clip" in scores[name]:
             values[f"{name}_clip_score"] = float(np.mean(scores[name]["clip"]))
         if targets is not None:
-            acc = M.adherence(images[name], targets)
+            acc = M.adherence_of(scores[name]["oracle"], targets)
             values[f"{name}_adherence"] = acc["all"]
             values.update({f"{name}_adherence_{k}": v for k, v in acc.items() if k != "all"})
     if targets is not None:  # the oracle on the reference images: the ceiling of adherence
-        acc = M.adherence(images["data"], targets)
-        values["data_adherence"] = acc["all"]
+        values["data_adherence"] = M.adherence_of(scores["data"]["oracle"], targets)["all"]
     if "clip" in scores["data"]:
         values["data_clip_score"] = float(np.mean(scores["data"]["clip"]))
+    print(f"[evaluate] scored {len(specs) + 1} x {len(prompts)} images in {score_s:.1f} s", flush=True)
 
     # 4. latency, one generator after the other in one task (same process, same resources)
     latency_prompts = [prompts[i % len(prompts)] for i in range(cfg.batch_size)]
@@ -228,8 +230,10 @@ def run(ctx: StageContext) -> None:
               "generate_s": round(generate_s, 2), "score_s": round(score_s, 2)}
     (ctx.output_dir / METRICS_FILE).write_text(json.dumps(record, indent=1) + "\n")
     grid_rows = min(cfg.grid_prompts, len(prompts))
+    grid = collect_images(generated, list(specs), max_index=grid_rows)
+    grid["data"] = np.stack([decode_reference(s["image"], side) for s in samples[:grid_rows]])
     columns = ["data", *specs]
-    save_grid(ctx.output_dir / GRID_FILE, [images[c][:grid_rows] for c in columns], columns)
+    save_grid(ctx.output_dir / GRID_FILE, [grid[c] for c in columns], columns)
     save_strip(ctx.output_dir / STRIP_FILE, strip, side)
     (ctx.output_dir / REPORT_FILE).write_text(report(record, prompts[:grid_rows], targets is not None))
 
@@ -553,10 +557,10 @@ class GenerateActor:
                 "prompt": np.asarray(prompts, dtype=object), "image": np.concatenate(images)}
 
 
-def generate(chunks: list[dict], specs: list[GeneratorSpec], cfg: Config, gpus: float) -> dict:
-    """Every chunk of every generator through one `GenerateActor` pool; {generator: images [N, H, W, 3]}
-    in prompt order. Rows are ordered generator by generator, so an actor mostly runs one at a time."""
-    import numpy as np
+def generate(chunks: list[dict], specs: list[GeneratorSpec], cfg: Config, gpus: float):
+    """Every chunk of every generator through one `GenerateActor` pool -> a materialized dataset of
+    rows (generator, index, prompt, image uint8 [H, W, 3]). Rows go in generator by generator, so an
+    actor mostly runs one generator at a time."""
     import ray
 
     items = [{"generator": spec.name, **chunk} for spec in specs for chunk in chunks]
@@ -564,12 +568,38 @@ def generate(chunks: list[dict], specs: list[GeneratorSpec], cfg: Config, gpus: 
     ds = ds.map_batches(GenerateActor, batch_size=1, batch_format="numpy", fn_constructor_kwargs={"specs": specs},
                         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cfg.num_actors),
                         num_cpus=cfg.num_cpus_per_actor, num_gpus=gpus)
+    return ds.materialize()
+
+
+def collect_images(ds, names: list[str], max_index: int | None = None) -> dict:
+    """{generator: uint8 images [N, H, W, 3] in prompt order} from generated rows (index < max_index)."""
+    import numpy as np
+
+    if max_index is not None:
+        ds = ds.filter(lambda row: row["index"] < max_index)
     rows = ds.take_all()
     out = {}
-    for spec in specs:
-        mine = sorted((r for r in rows if r["generator"] == spec.name), key=lambda r: int(r["index"]))
-        out[spec.name] = np.stack([r["image"] for r in mine])
+    for name in names:
+        mine = sorted((r for r in rows if r["generator"] == name), key=lambda r: int(r["index"]))
+        out[name] = np.stack([r["image"] for r in mine])
     return out
+
+
+def reference_dataset(samples: list[dict], side: int):
+    """The eval set's images as rows like the generated ones (generator "data"), decoded in Ray tasks."""
+    import ray
+
+    items = [{"generator": "data", "index": i, "prompt": s["prompt"], "image_bytes": s["image"]}
+             for i, s in enumerate(samples)]
+    ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items) // 64, 64)))
+    return ds.map_batches(_decode_references, batch_format="numpy", fn_kwargs={"side": side})
+
+
+def _decode_references(batch: dict, side: int) -> dict:
+    import numpy as np
+
+    return {"generator": batch["generator"], "index": batch["index"].astype(np.int64), "prompt": batch["prompt"],
+            "image": np.stack([decode_reference(bytes(b), side) for b in batch["image_bytes"]])}
 
 
 def measure_latency(specs: list[GeneratorSpec], prompts: list[str], cfg: Config, gpus: float,
@@ -626,11 +656,13 @@ class ScoreSpec:
     fd_image_side_px: int
     clip_model: str | None
     inception_weights: str | None
+    oracle: bool = False  # read the shapes attributes back (adherence)
     num_threads: int = 1
 
 
 class ScoreActor:
-    """Ray Data callable class: loads the feature extractors once; images -> features and scores."""
+    """Ray Data callable class: loads the feature extractors once; images -> features, scores and the
+    oracle's reading of each image (small rows: the images themselves are not returned)."""
 
     def __init__(self, spec: ScoreSpec):
         import torch
@@ -639,37 +671,46 @@ class ScoreActor:
 
         if spec.device == "cpu":
             torch.set_num_threads(spec.num_threads)
+        self.spec = spec
         self.fd = M.EfficientNetFeatures(spec.device, spec.fd_image_side_px)
         self.clip = M.ClipScorer(spec.clip_model, spec.device) if spec.clip_model else None
         self.inception = M.InceptionFeatures(spec.inception_weights, spec.device) if spec.inception_weights else None
 
     def __call__(self, batch: dict) -> dict:
+        import dataclasses
+
+        import numpy as np
+
+        from pipeline.oracle import recover
+
         images = batch["image"]
-        out = {"source": batch["source"], "index": batch["index"], "fd": self.fd(images)}
+        out = {"generator": batch["generator"], "index": batch["index"], "fd": self.fd(images)}
         if self.clip is not None:
             out["clip"] = self.clip(images, [str(p) for p in batch["prompt"]])
         if self.inception is not None:
             out["fid"] = self.inception(images)
+        if self.spec.oracle:
+            out["oracle"] = np.asarray([json.dumps(dataclasses.asdict(recover(im))) for im in images], dtype=object)
         return out
 
 
-def score(images: dict, prompts: list[str], spec: ScoreSpec, cfg: Config, gpus: float) -> dict:
-    """{source: {"fd": [N, 1280], "clip": [N], "fid": [N, 2048]}} for every image set (data and generators)."""
+def score(ds, spec: ScoreSpec, cfg: Config, gpus: float) -> dict:
+    """{generator or "data": {"fd": [N, 1280], "clip": [N], "fid": [N, 2048], "oracle": [N readings]}}."""
     import numpy as np
+
     import ray
 
-    items = [{"source": source, "index": i, "prompt": prompts[i], "image": im}
-             for source, ims in images.items() for i, im in enumerate(ims)]
-    ds = ray.data.from_items(items, override_num_blocks=max(1, math.ceil(len(items) / cfg.score_batch_size)))
     ds = ds.map_batches(ScoreActor, batch_size=cfg.score_batch_size, batch_format="numpy",
                         fn_constructor_kwargs={"spec": spec},
                         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cfg.num_actors),
                         num_cpus=cfg.num_cpus_per_actor, num_gpus=gpus)
     rows = ds.take_all()
     out: dict[str, dict] = {}
-    for source in images:
-        mine = sorted((r for r in rows if r["source"] == source), key=lambda r: int(r["index"]))
+    for source in sorted({str(r["generator"]) for r in rows}):
+        mine = sorted((r for r in rows if r["generator"] == source), key=lambda r: int(r["index"]))
         out[source] = {k: np.stack([np.asarray(r[k]) for r in mine]) for k in ("fd", "clip", "fid") if k in mine[0]}
+        if "oracle" in mine[0]:
+            out[source]["oracle"] = [json.loads(r["oracle"]) for r in mine]
     return out
 
 
