@@ -332,7 +332,35 @@ def adherence(images, targets) -> dict[str, float]:
     """Oracle accuracy per attribute plus `all_three` and `all` (every attribute asked is right)."""
     from pipeline import oracle
 
-    return oracle.score(list(images), list(targets))
+    return adherence_of([oracle.recover(im) for im in images], targets)
+
+
+def adherence_of(readings, targets) -> dict[str, float]:
+    """`adherence` from the oracle's readings of the images (`oracle.recover`, as Attributes or dicts),
+    so the images can be read where they are (in Ray workers): the same numbers as `oracle.score`."""
+    from dataclasses import asdict
+
+    from pipeline.oracle import ATTRIBUTE_NAMES, THREE, parse_prompt
+    from pipeline.shapes import Attributes
+
+    def as_dict(x) -> dict:
+        if isinstance(x, Attributes):
+            return asdict(x)
+        return asdict(parse_prompt(x)) if isinstance(x, str) else dict(x)
+
+    readings, targets = list(readings), list(targets)
+    if len(readings) != len(targets):
+        raise ValueError(f"adherence: {len(readings)} readings for {len(targets)} targets")
+    if not readings:
+        raise ValueError("adherence: no images")
+    hits = {name: 0 for name in (*ATTRIBUTE_NAMES, "all_three", "all")}
+    for got, want in zip(map(as_dict, readings), map(as_dict, targets)):
+        right = {k: got[k] == want[k] for k in ATTRIBUTE_NAMES}
+        for k, ok in right.items():
+            hits[k] += ok
+        hits["all_three"] += all(right[k] for k in THREE)
+        hits["all"] += all(right.values())
+    return {k: v / len(readings) for k, v in hits.items()}
 
 
 def time_batches(fn: Callable[[], object], num_warmup: int, num_repeats: int,

@@ -179,15 +179,15 @@ def run(ctx: StageContext) -> None:
     t0 = time.monotonic()
     generated = generate(chunks, list(specs.values()), cfg, gpus)
     generate_s = time.monotonic() - t0
-    side = int(generated.take(1)[0]["image"].shape[0])
+    side = int(decode_png(generated.take(1)[0]["image_bytes"]).shape[0])
     print(f"[evaluate] generated {len(specs)} x {len(prompts)} images of {side} px in {generate_s:.1f} s", flush=True)
 
     # 3. scores (Ray Data) of generated and reference images; adherence from the oracle's readings
-    score_spec = ScoreSpec(device=device, fd_image_side_px=cfg.fd_image_side_px, clip_model=clip_model,
+    score_spec = ScoreSpec(device=device, side=side, fd_image_side_px=cfg.fd_image_side_px, clip_model=clip_model,
                            inception_weights=str(inception) if inception else None, oracle=targets is not None,
                            num_threads=max(1, int(cfg.num_cpus_per_actor)))
     t0 = time.monotonic()
-    scores = score(generated.union(reference_dataset(samples, side)), score_spec, cfg, gpus)
+    scores = score(generated.union(reference_dataset(samples)), score_spec, cfg, gpus)
     score_s = time.monotonic() - t0
     values: dict[str, float] = {}
     for name in specs:
@@ -554,13 +554,14 @@ class GenerateActor:
             index += [int(j) for j in batch["index"][i]]
             prompts += chunk_prompts
         return {"generator": np.asarray(names, dtype=object), "index": np.asarray(index, dtype=np.int64),
-                "prompt": np.asarray(prompts, dtype=object), "image": np.concatenate(images)}
+                "prompt": np.asarray(prompts, dtype=object),
+                "image_bytes": np.asarray([encode_png(im) for im in np.concatenate(images)], dtype=object)}
 
 
 def generate(chunks: list[dict], specs: list[GeneratorSpec], cfg: Config, gpus: float):
     """Every chunk of every generator through one `GenerateActor` pool -> a materialized dataset of
-    rows (generator, index, prompt, image uint8 [H, W, 3]). Rows go in generator by generator, so an
-    actor mostly runs one generator at a time."""
+    rows (generator, index, prompt, image_bytes: lossless PNG). Rows go in generator by generator, so
+    an actor mostly runs one generator at a time."""
     import ray
 
     items = [{"generator": spec.name, **chunk} for spec in specs for chunk in chunks]
@@ -581,25 +582,33 @@ def collect_images(ds, names: list[str], max_index: int | None = None) -> dict:
     out = {}
     for name in names:
         mine = sorted((r for r in rows if r["generator"] == name), key=lambda r: int(r["index"]))
-        out[name] = np.stack([r["image"] for r in mine])
+        out[name] = np.stack([decode_png(r["image_bytes"]) for r in mine])
     return out
 
 
-def reference_dataset(samples: list[dict], side: int):
-    """The eval set's images as rows like the generated ones (generator "data"), decoded in Ray tasks."""
+def reference_dataset(samples: list[dict]):
+    """The eval set's images as rows like the generated ones (generator "data"); the scorer decodes
+    them (centre crop, resize to the generated side)."""
     import ray
 
     items = [{"generator": "data", "index": i, "prompt": s["prompt"], "image_bytes": s["image"]}
              for i, s in enumerate(samples)]
-    ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items) // 64, 64)))
-    return ds.map_batches(_decode_references, batch_format="numpy", fn_kwargs={"side": side})
+    return ray.data.from_items(items, override_num_blocks=max(1, min(len(items) // 64, 64)))
 
 
-def _decode_references(batch: dict, side: int) -> dict:
+def encode_png(image) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
+
+
+def decode_png(data: bytes):
     import numpy as np
+    from PIL import Image
 
-    return {"generator": batch["generator"], "index": batch["index"].astype(np.int64), "prompt": batch["prompt"],
-            "image": np.stack([decode_reference(bytes(b), side) for b in batch["image_bytes"]])}
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
 
 
 def measure_latency(specs: list[GeneratorSpec], prompts: list[str], cfg: Config, gpus: float,
@@ -653,6 +662,7 @@ def _latency_task(specs: list[GeneratorSpec], prompts: list[str], num_warmup: in
 @dataclass
 class ScoreSpec:
     device: str
+    side: int  # images are scored at the generators' output side (references centre-cropped and resized)
     fd_image_side_px: int
     clip_model: str | None
     inception_weights: str | None
@@ -683,7 +693,7 @@ class ScoreActor:
 
         from pipeline.oracle import recover
 
-        images = batch["image"]
+        images = np.stack([decode_reference(bytes(b), self.spec.side) for b in batch["image_bytes"]])
         out = {"generator": batch["generator"], "index": batch["index"], "fd": self.fd(images)}
         if self.clip is not None:
             out["clip"] = self.clip(images, [str(p) for p in batch["prompt"]])

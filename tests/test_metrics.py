@@ -223,6 +223,13 @@ def test_oracle_adherence_on_known_images():
     assert wrong["all"] < 0.5
     blank = np.zeros((64, 64, 3), np.uint8) + 25
     assert metrics.adherence([blank], prompts[:1])["all"] == 0.0
+    # The same numbers as the oracle's own score, from readings taken elsewhere.
+    from pipeline import oracle
+
+    mixed = images[:6] + [blank] * 2
+    assert metrics.adherence(mixed, prompts[:8]) == oracle.score(mixed, prompts[:8])
+    readings = [json.loads(json.dumps(oracle.recover(im).__dict__)) for im in mixed]
+    assert metrics.adherence_of(readings, attrs[:8]) == oracle.score(mixed, prompts[:8])
 
 
 def test_time_batches_is_the_median_after_warmup():
