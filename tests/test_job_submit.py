@@ -23,6 +23,7 @@ import pytest
 
 from conftest import REPO_ROOT, SMALL_DATA, free_port
 from pipeline import graph
+from pipeline.config import load_config
 
 # The embedded default on a small budget: tiny data, a few teacher and distill steps.
 SMALL_BUDGET = [
@@ -154,6 +155,17 @@ def ray_cli(head: dict, command: str, *args: str, env: dict | None = None, timeo
                           env=env or head["env"], capture_output=True, text=True, timeout=timeout)
 
 
+def _head_logs(head: dict) -> str:
+    """For failure messages: the tails of the head's own logs."""
+    out = []
+    for name in ("ray-start.log", "session_latest/logs/dashboard.log", "session_latest/logs/dashboard.err",
+                 "session_latest/logs/gcs_server.err", "session_latest/logs/raylet.err"):
+        path = head["temp_dir"] / name
+        if path.is_file():
+            out.append(f"\n--- {name} ---\n{path.read_text(errors='replace')[-2000:]}")
+    return "".join(out)
+
+
 def test_the_job_server_refuses_a_wrong_token(ray_head):
     wrong = {**ray_head["env"], "RAY_AUTH_TOKEN": "0" * 64}
     out = ray_cli(ray_head, "list", env=wrong)
@@ -165,12 +177,14 @@ def test_the_job_server_refuses_a_wrong_token(ray_head):
 def test_ray_job_submit_runs_the_embedded_default(ray_head, mlflow_server, tmp_path):
     experiment = f"job-submit-{uuid.uuid4().hex[:6]}"
     job_id = f"swd-test-{uuid.uuid4().hex[:8]}"
-    stages = [s.name for s in graph.default_stages()]
-    argv = ["python", "pipeline/run.py", f"workdir={tmp_path / 'wd'}", f"tracking.uri={mlflow_server}",
-            f"tracking.experiment={experiment}", *_budget(stages)]
+    overrides = [f"workdir={tmp_path / 'wd'}", f"tracking.uri={mlflow_server}", f"tracking.experiment={experiment}",
+                 *SMALL_BUDGET]
+    cfg = load_config(overrides=overrides)
+    stages = [s.name for s in graph.default_stages() if s.enabled is None or s.enabled(cfg)]
+    argv = ["python", "pipeline/run.py", *overrides]
     out = ray_cli(ray_head, "submit", "--submission-id", job_id, "--no-wait", "--working-dir", ".",
                   "--runtime-env", "cluster/runtime_env.yaml", "--", *argv)
-    assert out.returncode == 0, out.stdout + out.stderr
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:] + _head_logs(ray_head)
     from ray.job_submission import JobStatus, JobSubmissionClient
 
     jobs = JobSubmissionClient(ray_head["address"], headers={"Authorization": f"Bearer {ray_head['token']}"})
@@ -194,14 +208,9 @@ def test_ray_job_submit_runs_the_embedded_default(ray_head, mlflow_server, tmp_p
     if "distill" in children:
         artifacts = {a.path for a in mlc.list_artifacts(children["distill"].info.run_id)}
         assert {"student", "schedule.json"} <= artifacts
+    if "register" in children:  # the first student ever registered holds the champion alias
+        register = cfg.register
+        champion = mlc.get_model_version_by_alias(register.model_name, register.alias)
+        assert champion.run_id == children["register"].info.run_id
     for stage in stages:  # every stage's output committed in the workdir
         assert list((tmp_path / "wd" / stage).glob("*/manifest.json")), stage
-
-
-def _budget(stages: list[str]) -> list[str]:
-    """The small-budget overrides for the sections that exist in this checkout."""
-    from pipeline.config import PipelineConfig
-
-    sections = set(PipelineConfig.model_fields)
-    return [o for o in SMALL_BUDGET if o.split(".", 1)[0] in sections | {"data"}]
-
