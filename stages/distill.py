@@ -422,14 +422,14 @@ class Trainer:
         interval = Interval()
         while self.state["step"] < self.cfg.num_steps:
             step = self.state["step"] + 1
-            t0 = time.monotonic()
+            t0, cpu0 = time.monotonic(), time.process_time()
             parts, skipped = self.generator_step(step, batches)
             dt = time.monotonic() - t0
             self.state["step"] = step
             self.state["train_s"] += dt
             self.state["images"] += self.images_per_step
             self.state["nonfinite_in_a_row"] = self.state["nonfinite_in_a_row"] + 1 if skipped else 0
-            interval.add(parts, dt)
+            interval.add(parts, dt, time.process_time() - cpu0)
             if step % self.cfg.log_every == 0 or step == self.cfg.num_steps:
                 self.log(step, interval)
                 interval = Interval()
@@ -640,6 +640,7 @@ class Trainer:
             "lr/student": float(self.student.get_lr()[0]),
             "images_per_s": interval.steps * self.images_per_step / max(seconds, 1e-9),
             "s_per_step": seconds / max(interval.steps, 1),
+            "cpu_s_per_step": interval.cpu_seconds / max(interval.steps, 1),
             "nonfinite/generator_skipped": self.state["nonfinite_generator"],
             "nonfinite/fake_skipped": self.state["nonfinite_fake"],
             "epoch": self.state["epoch"],
@@ -728,10 +729,11 @@ class Interval:
         self.sums: dict[str, float] = {}
         self.counts: dict[str, int] = {}
         self.seconds = 0.0
+        self.cpu_seconds = 0.0  # this process's CPU time (training thread, data decode, Ray)
         self.steps = 0
         self.last: dict[str, float] = {}
 
-    def add(self, parts: dict, seconds: float) -> None:
+    def add(self, parts: dict, seconds: float, cpu_seconds: float = 0.0) -> None:
         for k, v in parts.items():
             self.sums.setdefault(k, 0.0)
             self.counts.setdefault(k, 0)
@@ -739,6 +741,7 @@ class Interval:
                 self.sums[k] = self.sums.get(k, 0.0) + v
                 self.counts[k] = self.counts.get(k, 0) + 1
         self.seconds += seconds
+        self.cpu_seconds += cpu_seconds
         self.steps += 1
         self.last = parts
 
