@@ -142,7 +142,7 @@ def ray_loop(bundle_dir: Path, cache_dir: Path, root: Path, cfg, swd, teacher, s
     manifest = json.loads((cache_dir / cache.CACHE_FILE).read_text())
     spec = distill.LoopSpec(
         distill=cfg.model_dump(mode="json"), swd=swd.model_dump(mode="json"), location=str(bundle_dir),
-        teacher_dtype=teacher.dtype, load_t5=teacher.load_t5, columns=distill.cache_columns(swd.schedule.scales, manifest["scales"]),
+        load_t5=teacher.load_t5, columns=distill.cache_columns(swd.schedule.scales, manifest["scales"]),
         sample_prompts=distill.sample_prompts(cache_dir, cfg.sample_num_prompts), tracking_uri=uri, run_id=run_id,
         vae_scale_factor=4, hooks={})
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,

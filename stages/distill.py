@@ -137,11 +137,12 @@ def run(ctx: StageContext) -> None:
 
     spec = LoopSpec(
         distill=cfg.model_dump(mode="json"), swd=swd.model_dump(mode="json"), location=str(directory),
-        teacher_dtype=teacher.dtype, load_t5=teacher.load_t5, columns=columns,
+        load_t5=teacher.load_t5, columns=columns,
         sample_prompts=sample_prompts(ctx.inputs["cache"], cfg.sample_num_prompts),
         tracking_uri=ctx.tracking_uri, run_id=ctx.run_id, vae_scale_factor=manifest.get("vae_scale_factor", 8),
         hooks=hooks,
     )
+    check_data_cpus(cfg)
     storage = cfg.storage_path or str(Path(ctx.scratch_dir) / "ray_train")
     name = f"distill-{ctx.fingerprint}"
     print(f"[distill] {cfg.num_steps} steps, {cfg.num_workers} worker(s) x batch {cfg.batch_size_per_worker}, "
@@ -225,7 +226,6 @@ class LoopSpec:
     distill: dict
     swd: dict
     location: str                       # the teacher bundle directory
-    teacher_dtype: str
     load_t5: bool
     columns: list                       # per scale index: (z column, z_im1 column) in the cache
     sample_prompts: dict                # prompts + their embeddings, for the sample grid
@@ -252,6 +252,19 @@ def cache_columns(scales: list[int], cache_scales: list[int]) -> list[tuple[str,
                          f"{list(scales)} need ({'; '.join(missing)}); re-run the cache stage with this swd schedule "
                          f"(or choose scales the cache holds)")
     return out
+
+
+def check_data_cpus(cfg: Config) -> None:
+    """Ray Data reads the cache with the CPUs the workers leave: say so when there are none (a fixed-size
+    cluster would then stall on its first batch; an autoscaling one may still add nodes)."""
+    import ray
+
+    total = ray.cluster_resources().get("CPU", 0)
+    taken = cfg.num_workers * cfg.num_cpus_per_worker
+    if total - taken < 1:
+        print(f"[distill] warning: the workers reserve {taken:g} of the cluster's {total:g} CPUs, which leaves less "
+              f"than one for Ray Data to read the cache; lower distill.num_cpus_per_worker or distill.num_workers "
+              f"unless the cluster scales up", flush=True)
 
 
 def check_teacher(swd, directory: Path) -> None:
@@ -355,7 +368,10 @@ class Trainer:
         from pipeline.swd import TextCond, build_networks
         from pipeline.teacher import load_bundle
 
-        bundle = load_bundle(self.spec.location, "float32", str(self.device), True, self.spec.load_t5)
+        # bf16 engines hold bf16 weights (fp32 master copies of the trained ones in the optimiser):
+        # load the teacher in bf16 then, so a large teacher and its fake copy fit before partitioning.
+        dtype = "bfloat16" if self.bf16 else "float32"
+        bundle = load_bundle(self.spec.location, dtype, str(self.device), True, self.spec.load_t5)
         with torch.no_grad():
             self.uncond = TextCond(*(t.float() for t in bundle.encode_prompt([""])))
         p = self.spec.sample_prompts
