@@ -24,7 +24,7 @@
   100 * max(cos(E_image, E_text), 0) per image, from a transformers CLIP model at a local path or a
   hub id in the local Hugging Face cache (never downloaded).
 - `adherence`: the shapes oracle (`pipeline/oracle.py`) per attribute and overall.
-- `time_batches`: latency as the median of repeated timed calls after warm-up.
+- `time_batches`: latency as the median of repeated timed calls after warm-up (wall and CPU time).
 """
 
 from __future__ import annotations
@@ -365,18 +365,21 @@ def adherence_of(readings, targets) -> dict[str, float]:
 
 def time_batches(fn: Callable[[], object], num_warmup: int, num_repeats: int,
                  sync: Callable[[], None] | None = None) -> dict:
-    """Run `fn` `num_warmup` times untimed, then `num_repeats` times timed; median and every time (s)."""
+    """Run `fn` `num_warmup` times untimed, then `num_repeats` times timed: median and every wall time
+    (s), and the median CPU time of this process (all threads; on a shared CPU it moves less with
+    other load than wall time does)."""
     if num_repeats < 1:
         raise ValueError(f"num_repeats {num_repeats} must be >= 1")
     for _ in range(num_warmup):
         fn()
     if sync:
         sync()
-    times = []
+    times, cpu = [], []
     for _ in range(num_repeats):
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         fn()
         if sync:
             sync()
         times.append(time.perf_counter() - start)
-    return {"median_s": statistics.median(times), "times_s": times}
+        cpu.append(time.process_time() - start_cpu)
+    return {"median_s": statistics.median(times), "times_s": times, "cpu_median_s": statistics.median(cpu)}
