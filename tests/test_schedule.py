@@ -48,8 +48,9 @@ def _train_module() -> types.ModuleType:
             n = max(int(p.stem) for p in lease_dir.glob("*.json"))
             (lease_dir / f"{n + 1:012d}.json").write_text(json.dumps(
                 {"owner": "other", "pid": 1, "host": "elsewhere", "expires_at": time.time() + 600}))
-            for _ in range(400):  # the renewal thread notices within ttl/3 and interrupts us
+            for _ in range(1200):  # the renewal thread notices within ttl/3 and interrupts us
                 time.sleep(0.05)
+            Path(os.environ["SCHED_STEAL"]).with_name("not-interrupted").touch()
         if os.environ.get("SCHED_SLOW"):
             Path(os.environ["SCHED_SLOW"]).touch()
             time.sleep(8)
@@ -198,9 +199,10 @@ def test_a_failed_run_records_nothing_releases_the_lease_and_the_slot_retries(en
 
 def test_a_run_that_loses_its_lease_stops_without_recording_its_slot(env, monkeypatch):
     monkeypatch.setenv("SCHED_STEAL", str(env / "wd" / "schedule" / "lease"))
-    started = time.monotonic()
     assert run_slot(env, "d1", "schedule.lease_ttl_s=1.5") == schedule.EXIT_LEASE_LOST
-    assert time.monotonic() - started < 15
+    # Stopped while it still had up to a minute to sleep (not by finishing); no wall-clock bound
+    # on the whole run, which includes creating the MLflow store on a loaded machine.
+    assert not (env / "wd" / "schedule" / "not-interrupted").exists()
     assert not (env / "wd" / "schedule" / "slots" / "d1.json").exists()
     (parent,) = [r for r in runs_of_slot(env, "d1") if r.data.tags.get("pipeline.kind") == "pipeline"]
     assert parent.info.status == "KILLED" and "schedule.slot_done" not in parent.data.tags
