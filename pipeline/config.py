@@ -24,6 +24,7 @@ from stages.cache import Config as CacheConfig
 from stages.distill import Config as DistillConfig
 from stages.evaluate import Config as EvaluateConfig
 from stages.register import Config as RegisterConfig
+from stages.synthesize import Config as SynthesizeConfig
 from stages.teacher import Config as TeacherConfig
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -94,7 +95,18 @@ class DataConfig(Section):
     # Local paths, globs, brace patterns ({000..009}) or pyarrow-filesystem URIs (s3://...).
     train_shards: str | list[str] | None = None
     eval_shards: str | list[str] | None = None
+    # A prompt file for teacher-generated training images (the `synthesize` stage): .txt (one per
+    # line), .parquet or .csv (column `prompt_column`); local path or pyarrow-filesystem URI.
+    prompts: str | None = None
+    prompt_column: str = Field("prompt", min_length=1)
     generator: GeneratorConfig = GeneratorConfig()
+
+    @field_validator("prompts")
+    @classmethod
+    def _prompt_file(cls, v: str | None) -> str | None:
+        if v is not None and not v.strip():
+            raise ValueError("empty string; give a prompt file (.txt, .parquet, .csv) or null")
+        return v
 
 
 with warnings.catch_warnings():  # `register` is also ABCMeta.register; the field wins, as intended
@@ -106,6 +118,7 @@ with warnings.catch_warnings():  # `register` is also ABCMeta.register; the fiel
         ray: RayConfig = RayConfig()
         data: DataConfig = DataConfig()
         teacher: TeacherConfig = TeacherConfig()
+        synthesize: SynthesizeConfig = SynthesizeConfig()
         swd: SwdConfig = SwdConfig()
         cache: CacheConfig = CacheConfig()
         distill: DistillConfig = DistillConfig()

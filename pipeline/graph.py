@@ -50,12 +50,13 @@ class StageSpec:
 
 
 def default_stages() -> list[StageSpec]:
-    from stages import cache, distill, evaluate, register, shards, teacher
+    from stages import cache, distill, evaluate, register, shards, synthesize, teacher
 
     return [
         StageSpec("shards", shards),
         StageSpec("teacher", teacher, inputs=("shards",)),
-        StageSpec("cache", cache, inputs=("shards", "teacher")),
+        StageSpec("synthesize", synthesize, inputs=("shards", "teacher"), enabled=synthesize.enabled),
+        StageSpec("cache", cache, inputs=("shards", "teacher", "synthesize")),
         StageSpec("distill", distill, inputs=("cache", "teacher")),
         StageSpec("distill_baseline", distill, inputs=("cache", "teacher"),
                   configure=lambda cfg: {"swd": full_resolution_swd(cfg.swd)},

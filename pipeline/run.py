@@ -28,6 +28,7 @@ from pipeline import config as config_mod
 from pipeline import graph, schedule, tracking
 from pipeline.config import REPO_ROOT, ConfigError, PipelineConfig
 from pipeline.data import ShardError, expand_shards
+from stages import synthesize
 
 EXIT_CONFIG = 2
 EXIT_TRACKING = 3
@@ -142,9 +143,13 @@ def check_environment(cfg: PipelineConfig) -> None:
     """Problems that need the filesystem, collected together: the teacher, shards, the workdir."""
     problems: list[str] = teacher_problems(cfg)
     given = {s: getattr(cfg.data, f"{s}_shards") for s in ("train", "eval")}
-    if (given["train"] is None) != (given["eval"] is None):
+    if given["train"] is not None and given["eval"] is None:
         problems.append("data.train_shards / data.eval_shards: give both or neither (generated eval "
                         "prompts would not match your training data)")
+    if given["eval"] is not None and given["train"] is None and cfg.data.prompts is None:
+        problems.append("data.eval_shards: given without training data; also give data.train_shards or "
+                        "data.prompts, or neither")
+    problems += synthesize.prompt_file_problems(cfg.data)
     for split, spec in given.items():
         if spec is not None:
             try:

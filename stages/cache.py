@@ -147,7 +147,9 @@ def run(ctx: StageContext) -> None:
     identity = encoder_identity(directory, spec)
     shared = Path(ctx.shared_dir)
 
-    shards = [stat_shard(url) for url in shard_urls(ctx.inputs["shards"], "train")]
+    # the synthesize stage's listing (image shards + generated ones) when it ran, else the shards stage's
+    listing_dir = ctx.inputs.get("synthesize") or ctx.inputs["shards"]
+    shards = [stat_shard(url) for url in shard_urls(listing_dir, "train")]
     for s in shards:
         if s.error is None:
             s.key = shard_key(s, identity, spec)

@@ -489,8 +489,9 @@ class Generator:
         with torch.inference_mode():
             return TextCond(*self.bundle.encode_prompt(list(prompts)))
 
-    def sample(self, cond, seed: int, return_steps: bool = False):
-        """Latents [B, C, s, s] (and per-step clean estimates) for encoded prompts."""
+    def sample(self, cond, seed: int, return_steps: bool = False, noise=None):
+        """Latents [B, C, s, s] (and per-step clean estimates) for encoded prompts; the starting
+        `noise` when given (one tensor per sample), else drawn from `seed`."""
         import torch
 
         from pipeline.swd.sampler import sample_scalewise, sample_teacher
@@ -499,9 +500,9 @@ class Generator:
         with torch.inference_mode():
             if self.spec.student_dir:
                 return sample_scalewise(self.transformer, cond, self.scales, self.sigmas, generator=generator,
-                                        return_steps=return_steps)
+                                        return_steps=return_steps, noise=noise)
             return sample_teacher(self.transformer, cond, self.uncond, self.sigmas, self.scales[-1],
-                                  guidance_scale=self.guidance_scale, generator=generator)
+                                  guidance_scale=self.guidance_scale, generator=generator, noise=noise)
 
     def decode(self, latents):
         """Normalised latents -> uint8 [B, H, W, 3]."""

@@ -44,8 +44,8 @@ def run(ctx: StageContext) -> None:
         listing = {"train": expand_shards(data.train_shards, "data.train_shards"),
                    "eval": expand_shards(data.eval_shards, "data.eval_shards")}
         mlc.set_tag(ctx.run_id, "shards.source", "user")
-    else:
-        listing = _generate(data.generator, ctx)
+    else:  # with a prompt file, training images come from the synthesize stage: eval only
+        listing = _generate(data.generator, ctx, train=data.prompts is None)
         mlc.set_tag(ctx.run_id, "shards.source", "generated")
     (ctx.output_dir / SHARDS_FILE).write_text(json.dumps(listing, indent=1))
     for split, entries in listing.items():
@@ -53,11 +53,11 @@ def run(ctx: StageContext) -> None:
         ctx.summary[f"{split}_shards"] = len(entries)
 
 
-def _generate(gen: GeneratorConfig, ctx: StageContext) -> dict[str, list[dict]]:
+def _generate(gen: GeneratorConfig, ctx: StageContext, train: bool = True) -> dict[str, list[dict]]:
     import ray
 
     write = ray.remote(num_cpus=1)(_write_shard)
-    counts = {"train": gen.num_train_samples, "eval": gen.num_eval_samples}
+    counts = {"train": gen.num_train_samples if train else 0, "eval": gen.num_eval_samples}
     pending = {}
     for split, count in counts.items():
         (ctx.output_dir / split).mkdir()

@@ -1,0 +1,512 @@
+"""`synthesize` stage: teacher-generated training images for prompts that have none.
+
+SwD trains on images the teacher generated (SWD.md section 5), and users usually have prompts, not
+images. This stage runs when the data is the user's (`data.train_shards` or `data.prompts` set);
+with the generated shapes dataset it is disabled and the cache reads the `shards` stage directly.
+
+Steps:
+1. Prompts. Each train shard is judged by its first sample: a `txt` and no image member makes it a
+   prompt-only shard, whose prompts are read here; an image shard passes through unchanged. The
+   prompt file `data.prompts` (`.txt`: one prompt per line; `.parquet` / `.csv`: the column
+   `data.prompt_column`) adds more. Empty prompts are skipped and counted; a prompt longer than the
+   teacher's CLIP token limit is truncated by the text encoders (counted, and flagged in its json)
+   or skipped (`long_prompts`). No prompt at all is an error.
+2. Plan. `images_per_prompt` samples per prompt, each with its own seed derived from
+   (`seed`, prompt, image index): the same prompt and seed give the same image wherever it sits.
+   Samples go in fixed chunks of `prompts_per_shard` prompts per source; each output shard is
+   named by a digest of its samples, the sampler settings and the teacher stage's fingerprint, under
+   the stage's shared dir, so a shard that is there is done: a killed run regenerates only the
+   missing shards, and adding prompts generates only the new chunks.
+3. Generate with Ray Data: the missing samples through `map_batches` with the callable class
+   `SynthesizeActor` on an `ActorPoolStrategy` pool (one GPU per actor where the cluster has GPUs);
+   each actor loads the teacher once and runs its own sampler (`pipeline.swd.sampler.sample_teacher`:
+   Euler on the teacher's shifted grid, classifier-free guidance), one noise tensor per sample.
+4. The driver writes each shard (`png`, `txt`, `json` with seed and sampler settings, members of a
+   sample contiguous) as soon as all of its samples are back: to a temporary name, then renamed.
+5. Output: `shards.json` in the `shards` stage's format (train: the image shards as given, then the
+   generated shards; eval unchanged), `synthesize.json` (counts, settings, per-source shards),
+   `skipped.jsonl` and `samples.png`; images/s and progress go to the stage's MLflow run.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import os
+import tarfile
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from pipeline.context import StageContext
+
+VERSION = "1"
+SECTIONS = ("synthesize", "data", "teacher")
+SUMMARY_FILE = "synthesize.json"
+SKIPPED_FILE = "skipped.jsonl"
+GRID_FILE = "samples.png"
+OUTPUTS = ("shards.json", SUMMARY_FILE, SKIPPED_FILE, GRID_FILE)
+FORMAT_VERSION = 1  # of the generated shards' members; part of every shard name
+IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
+TEXT_EXTS = ("txt",)
+FILE_FORMATS = (".txt", ".parquet", ".csv")
+
+
+class SynthesizeError(ValueError):
+    """Prompts that cannot be used: names the source and what was expected."""
+
+
+class Config(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+    images_per_prompt: int = Field(1, ge=1)
+    num_steps: int = Field(28, ge=1)  # the teacher's Euler steps on its own shifted grid
+    guidance_scale: float = Field(4.0, ge=1.0)
+    image_side_px: int | None = Field(None, ge=16)  # null: the teacher's native resolution
+    seed: int = 0
+    prompts_per_shard: int = Field(256, ge=1)
+    long_prompts: Literal["truncate", "skip"] = "truncate"
+    batch_size: int = Field(16, ge=1)  # prompts per sampler call
+    num_actors: int = Field(1, ge=1)
+    num_cpus_per_actor: float = Field(2.0, gt=0)
+    num_gpus_per_actor: float | None = Field(None, ge=0)  # null: 1 when the Ray cluster has GPUs
+
+
+def enabled(cfg) -> bool:
+    """Only the user's data can hold prompt-only samples or a prompt file."""
+    return cfg.data.train_shards is not None or cfg.data.prompts is not None
+
+
+def external_fingerprint(sections: dict) -> list | None:
+    """A local prompt file's size and mtime join the fingerprint (the shard listing covers the shards)."""
+    data = sections["data"]
+    if data.prompts is None or "://" in data.prompts:
+        return None
+    p = Path(os.path.expanduser(data.prompts))
+    return [str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns] if p.is_file() else [str(p), "missing"]
+
+
+# ----------------------------------------------------------------------------- stage
+
+
+def run(ctx: StageContext) -> None:
+    import mlflow
+    import ray
+
+    from pipeline.data import SHARDS_FILE, shard_urls
+    from pipeline.teacher import bundle_location, resolve_pretrained
+
+    cfg: Config = ctx.config
+    data, teacher = ctx.sections["data"], ctx.sections["teacher"]
+    mlc = mlflow.MlflowClient(ctx.tracking_uri)
+    started = time.monotonic()
+
+    # 1. prompts
+    directory = resolve_pretrained(bundle_location(ctx.inputs["teacher"]), teacher.local_files_only)
+    limit = TokenLimit(directory)
+    listing = json.loads((Path(ctx.inputs["shards"]) / SHARDS_FILE).read_text())
+    train_urls = shard_urls(ctx.inputs["shards"], "train")
+    passthrough, sources, skipped = [], [], []
+    for url, entry in zip(train_urls, listing["train"]):
+        if is_prompt_only(url):
+            sources.append(PromptSource(url, read_prompt_shard(url)))
+        else:
+            passthrough.append({**entry, "url": url})
+    if data.prompts is not None:
+        sources.append(PromptSource(data.prompts, read_prompt_file(data.prompts, data.prompt_column)))
+    for source in sources:
+        source.prompts, dropped = check_prompts(source, limit, cfg.long_prompts)
+        skipped += dropped
+    usable = sum(len(s.prompts) for s in sources)
+    if sources and usable == 0:
+        raise SynthesizeError(f"synthesize: none of the {len(skipped)} prompt(s) in "
+                              f"{', '.join(s.name for s in sources)} is usable (reasons: {_by_reason(skipped)}); "
+                              f"see {SKIPPED_FILE}")
+
+    # 2. plan
+    gpus = cfg.num_gpus_per_actor
+    if gpus is None:
+        gpus = 1.0 if sources and ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+    device = "cuda" if gpus > 0 else "cpu"
+    if teacher.dtype == "float16" and device == "cpu":
+        raise SynthesizeError("teacher.dtype 'float16': the synthesize actors run on the CPU here (no GPU in the "
+                              "Ray cluster, or synthesize.num_gpus_per_actor=0), where float16 is not supported; "
+                              "use float32 or bfloat16, or give the actors GPUs")
+    native = native_side(directory)
+    side_px = cfg.image_side_px or native["image_side_px"]
+    check_side(side_px, native)
+    sampler = {"num_steps": cfg.num_steps, "guidance_scale": cfg.guidance_scale, "image_side_px": side_px,
+               "shift": native["shift"], "teacher_fingerprint": Path(ctx.inputs["teacher"]).name}
+    shared = Path(ctx.shared_dir)
+    shards = plan_shards(sources, cfg, sampler, shared)
+    missing = [s for s in shards if not s.path.is_file()]
+    print(f"[synthesize] {usable} prompt(s) from {len(sources)} source(s), {len(skipped)} skipped; "
+          f"{len(shards)} shard(s) of {cfg.images_per_prompt} image(s)/prompt at {side_px} px: "
+          f"{len(shards) - len(missing)} done, {len(missing)} to generate; {len(passthrough)} image shard(s) "
+          f"pass through; {cfg.num_actors} actor(s) x ({cfg.num_cpus_per_actor} CPU, {gpus} GPU) on {device}",
+          flush=True)
+
+    # 3-4. generate and write
+    spec = None
+    if missing:
+        from stages.evaluate import GeneratorSpec
+
+        spec = GeneratorSpec(name="teacher", location=str(directory), dtype=teacher.dtype, device=device,
+                             load_t5=teacher.load_t5, local_files_only=teacher.local_files_only,
+                             num_threads=max(1, int(cfg.num_cpus_per_actor)), teacher_num_steps=cfg.num_steps,
+                             guidance_scale=cfg.guidance_scale, latent_side=side_px // native["vae_scale_factor"])
+    generated_s, images = generate_shards(missing, spec, cfg, gpus, sampler, mlc, ctx.run_id)
+
+    # 5. outputs
+    entries = [{"url": str(s.path), "size_bytes": s.path.stat().st_size, "samples": len(s.samples),
+                "source": s.source} for s in shards]
+    (ctx.output_dir / SHARDS_FILE).write_text(json.dumps(
+        {"train": passthrough + entries, "eval": [{**e, "url": u} for e, u in
+                                                  zip(listing["eval"], shard_urls(ctx.inputs["shards"], "eval"))]},
+        indent=1))
+    with open(ctx.output_dir / SKIPPED_FILE, "w") as f:
+        f.writelines(json.dumps(s) + "\n" for s in skipped)
+    truncated = sum(1 for s in sources for p in s.prompts if p.truncated)
+    summary = {"sources": [s.name for s in sources], "prompts": usable, "skipped": len(skipped),
+               "skipped_by_reason": _by_reason(skipped), "truncated": truncated,
+               "images": sum(len(s.samples) for s in shards), "shards": len(shards),
+               "shards_generated": len(missing), "shards_reused": len(shards) - len(missing),
+               "image_shards_passed_through": len(passthrough), "sampler": sampler,
+               "images_per_s": round(images / generated_s, 3) if images else None}
+    (ctx.output_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=1) + "\n")
+    save_sample_grid(ctx.output_dir / GRID_FILE, shards)
+    metrics = {k: float(summary[k]) for k in ("prompts", "skipped", "truncated", "images", "shards",
+                                              "shards_generated", "shards_reused")}
+    metrics["synthesize_wall_s"] = time.monotonic() - started
+    if images:
+        metrics["images_per_s"] = images / generated_s
+    for k, v in metrics.items():
+        mlc.log_metric(ctx.run_id, k, v)
+    for name in OUTPUTS:
+        mlc.log_artifact(ctx.run_id, str(ctx.output_dir / name))
+    ctx.summary.update({k: summary[k] for k in ("prompts", "skipped", "truncated", "images", "shards_generated",
+                                                "shards_reused")})
+    print(f"[synthesize] {summary['images']} image(s) in {len(shards)} shard(s) ({len(missing)} generated"
+          + (f", {images / generated_s:.2f} images/s" if images else "") + f"); {len(skipped)} prompt(s) skipped "
+          f"{summary['skipped_by_reason'] or ''}, {truncated} truncated", flush=True)
+
+
+def _by_reason(skipped: list[dict]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for s in skipped:
+        out[s["reason"]] = out.get(s["reason"], 0) + 1
+    return out
+
+
+# ----------------------------------------------------------------------------- step 1: prompts
+
+
+@dataclass
+class Prompt:
+    key: str  # the sample key in a prompt-only shard, or the line / row number in a prompt file
+    text: str
+    truncated: bool = False
+
+
+@dataclass
+class PromptSource:
+    name: str  # a shard url or the prompt file
+    prompts: list[Prompt]
+
+
+def is_prompt_only(url: str) -> bool:
+    """Whether a shard's first sample has a caption and no image (read up to the second sample only)."""
+    members = set()
+    with _open(url) as f, tarfile.open(fileobj=f, mode="r|*") as tar:
+        first = None
+        for info in tar:
+            if not info.isfile():
+                continue
+            key, _, ext = info.name.partition(".")  # webdataset: the key ends at the first dot of the name
+            if first is None:
+                first = key
+            if key != first:
+                break
+            members.add(ext.lower())
+    return bool(members & set(TEXT_EXTS)) and not members & set(IMAGE_EXTS)
+
+
+def read_prompt_shard(url: str) -> list[Prompt]:
+    """The `txt` of every sample of a prompt-only shard (other members ignored)."""
+    prompts = []
+    try:
+        with _open(url) as f, tarfile.open(fileobj=f, mode="r|*") as tar:
+            for info in tar:
+                key, _, ext = info.name.partition(".")
+                if info.isfile() and ext.lower() == "txt":
+                    raw = tar.extractfile(info).read()
+                    prompts.append(Prompt(key, raw.decode("utf-8", errors="replace").strip()))
+    except (tarfile.TarError, OSError) as e:
+        raise SynthesizeError(f"synthesize: prompt-only shard {url} cannot be read ({type(e).__name__}: {e}); "
+                              f"fix or remove it from data.train_shards") from e
+    return prompts
+
+
+def read_prompt_file(spec: str, column: str) -> list[Prompt]:
+    """Prompts of `data.prompts`: `.txt` one per line (blank lines count as empty prompts), or the
+    `column` of a `.parquet` / `.csv` file. Keys are `p<row>` (0-based)."""
+    suffix = Path(spec.split("?", 1)[0]).suffix.lower()
+    if suffix not in FILE_FORMATS:
+        raise SynthesizeError(f"data.prompts: {spec!r}: unknown format {suffix or '(no suffix)'!r}; expected one "
+                              f"of {', '.join(FILE_FORMATS)}")
+    try:
+        with _open(spec) as f:
+            raw = f.read()
+    except OSError as e:
+        raise SynthesizeError(f"data.prompts: {spec!r} cannot be read ({e})") from e
+    if suffix == ".txt":
+        lines = raw.decode("utf-8", errors="replace").splitlines()
+        values = lines[:-1] if lines and not lines[-1].strip() else lines  # a final newline is not a prompt
+    elif suffix == ".csv":
+        reader = csv.DictReader(io.StringIO(raw.decode("utf-8", errors="replace")))
+        if column not in (reader.fieldnames or []):
+            raise SynthesizeError(f"data.prompt_column: {column!r} is not a column of {spec} (columns: "
+                                  f"{reader.fieldnames}); set data.prompt_column")
+        values = [row[column] or "" for row in reader]
+    else:
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(io.BytesIO(raw))
+        if column not in table.column_names:
+            raise SynthesizeError(f"data.prompt_column: {column!r} is not a column of {spec} (columns: "
+                                  f"{table.column_names}); set data.prompt_column")
+        values = ["" if v is None else str(v) for v in table.column(column).to_pylist()]
+    prompts = [Prompt(f"p{i:08d}", v.strip()) for i, v in enumerate(values)]
+    if not any(p.text for p in prompts):
+        raise SynthesizeError(f"data.prompts: {spec!r} holds no prompt ({len(prompts)} empty line(s)/row(s)); "
+                              f"give a file with one prompt per line, or a {column!r} column")
+    return prompts
+
+
+def _open(spec: str):
+    """A local path or a pyarrow-filesystem URI, as a binary file object."""
+    if "://" not in spec:
+        return open(os.path.expanduser(spec), "rb")
+    import pyarrow.fs as pafs
+
+    fs, path = pafs.FileSystem.from_uri(spec)
+    return fs.open_input_stream(path)
+
+
+class TokenLimit:
+    """The teacher's CLIP tokenizers: how many tokens a prompt takes, and their limit."""
+
+    def __init__(self, directory: Path):
+        from transformers import CLIPTokenizer
+
+        self.tokenizers = [CLIPTokenizer.from_pretrained(directory, subfolder=sub, local_files_only=True)
+                           for sub in ("tokenizer", "tokenizer_2") if (directory / sub).is_dir()]
+        self.max_tokens = min(t.model_max_length for t in self.tokenizers)
+
+    def tokens(self, text: str) -> int:
+        return max(len(t(text, truncation=False)["input_ids"]) for t in self.tokenizers)
+
+
+def check_prompts(source: PromptSource, limit: TokenLimit, long_prompts: str) -> tuple[list[Prompt], list[dict]]:
+    """(usable prompts, skipped entries): empty ones skipped; long ones flagged or skipped."""
+    keep, skipped = [], []
+    for p in source.prompts:
+        if not p.text:
+            skipped.append({"source": source.name, "key": p.key, "reason": "empty_prompt"})
+            continue
+        n = limit.tokens(p.text)
+        if n > limit.max_tokens:
+            if long_prompts == "skip":
+                skipped.append({"source": source.name, "key": p.key, "reason": "too_long",
+                                "detail": f"{n} tokens > {limit.max_tokens}"})
+                continue
+            p.truncated = True  # the text encoders keep the first max_tokens tokens
+        keep.append(p)
+    return keep, skipped
+
+
+# ----------------------------------------------------------------------------- step 2: plan
+
+
+def native_side(directory: Path) -> dict:
+    """The teacher's native image side, VAE factor, patch size and sampler shift, from its configs."""
+    vae = json.loads((directory / "vae" / "config.json").read_text())
+    transformer = json.loads((directory / "transformer" / "config.json").read_text())
+    scheduler = json.loads((directory / "scheduler" / "scheduler_config.json").read_text())
+    factor = 2 ** (len(vae.get("block_out_channels", [0])) - 1)
+    return {"vae_scale_factor": factor, "patch_size": transformer["patch_size"],
+            "image_side_px": transformer["sample_size"] * factor, "shift": float(scheduler.get("shift", 1.0))}
+
+
+def check_side(side_px: int, native: dict) -> None:
+    step = native["vae_scale_factor"] * native["patch_size"]
+    if side_px % step:
+        raise SynthesizeError(f"synthesize.image_side_px: {side_px} is not a multiple of {step} (VAE factor "
+                              f"{native['vae_scale_factor']} x patch size {native['patch_size']}); the teacher's "
+                              f"native side is {native['image_side_px']}")
+
+
+def sample_seed(seed: int, prompt: str, image_index: int) -> int:
+    digest = hashlib.sha256(json.dumps(["synthesize", seed, prompt, image_index]).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+@dataclass
+class PlannedShard:
+    path: Path
+    source: str
+    samples: list[dict]  # {key, prompt, seed, image_index, truncated}
+
+
+def plan_shards(sources: list[PromptSource], cfg: Config, sampler: dict, shared: Path) -> list[PlannedShard]:
+    shards = []
+    for source in sources:
+        tag = hashlib.sha256(source.name.encode()).hexdigest()[:8]
+        for first in range(0, len(source.prompts), cfg.prompts_per_shard):
+            samples = [{"key": f"{tag}_{p.key}_{j}", "prompt": p.text, "image_index": j,
+                        "seed": sample_seed(cfg.seed, p.text, j), "truncated": p.truncated}
+                       for p in source.prompts[first:first + cfg.prompts_per_shard]
+                       for j in range(cfg.images_per_prompt)]
+            name = hashlib.sha256(json.dumps([FORMAT_VERSION, sampler, samples], sort_keys=True).encode())
+            shards.append(PlannedShard(shared / f"synth-{name.hexdigest()[:20]}.tar", source.name, samples))
+    return shards
+
+
+# ----------------------------------------------------------------------------- steps 3-4: generate and write
+
+
+ACTOR_ENV = {"env_vars": {"OMP_WAIT_POLICY": "PASSIVE", "TOKENIZERS_PARALLELISM": "false"}}
+
+
+class SynthesizeActor:
+    """Ray Data callable class: the teacher loaded once; a batch of samples -> PNG images."""
+
+    def __init__(self, spec):
+        from stages.evaluate import Generator
+
+        self.generator = Generator(spec)
+
+    def __call__(self, batch: dict) -> dict:
+        import numpy as np
+
+        from stages.evaluate import encode_png
+
+        images = generate_images(self.generator, [str(p) for p in batch["prompt"]], [int(s) for s in batch["seed"]])
+        return {"shard": batch["shard"], "slot": batch["slot"],
+                "png": np.asarray([encode_png(im) for im in images], dtype=object)}
+
+
+def generate_images(generator, prompts: list[str], seeds: list[int]):
+    """uint8 [B, H, W, 3] from the teacher's sampler, each image from the noise of its own seed."""
+    import torch
+
+    side = generator.scales[-1]
+    channels = int(generator.transformer.config.in_channels)
+    noise = torch.stack([torch.randn(channels, side, side, generator=torch.Generator().manual_seed(s))
+                         for s in seeds]).to(generator.bundle.device)
+    return generator.decode(generator.sample(generator.encode(prompts), 0, noise=noise))
+
+
+def generate_shards(missing: list[PlannedShard], spec, cfg: Config, gpus: float, sampler: dict, mlc,
+                    run_id: str) -> tuple[float, int]:
+    """Generate every sample of the missing shards; write each shard once all its samples are back.
+    Returns (seconds from the first to the last image, images)."""
+    if not missing:
+        return 0.0, 0
+    import ray
+
+    rows = [{"shard": i, "slot": j, "prompt": s["prompt"], "seed": s["seed"]}
+            for i, shard in enumerate(missing) for j, s in enumerate(shard.samples)]
+    ds = ray.data.from_items(rows, override_num_blocks=max(1, -(-len(rows) // cfg.batch_size)))
+    ds = ds.map_batches(SynthesizeActor, batch_size=cfg.batch_size, batch_format="numpy",
+                        fn_constructor_kwargs={"spec": spec},
+                        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cfg.num_actors),
+                        num_cpus=cfg.num_cpus_per_actor, num_gpus=gpus, runtime_env=ACTOR_ENV)
+    pending: dict[int, dict[int, bytes]] = {}
+    done = images = 0
+    started, first_at, last_at = time.monotonic(), None, None
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        now = time.monotonic()
+        first_at = first_at or now
+        last_at = now
+        for shard, slot, png in zip(batch["shard"], batch["slot"], batch["png"]):
+            pending.setdefault(int(shard), {})[int(slot)] = png
+            images += 1
+        for i in [i for i, got in pending.items() if len(got) == len(missing[i].samples)]:
+            write_shard(missing[i], pending.pop(i), sampler)
+            done += 1
+            rate = images / (now - started)  # actor start-up included
+            print(f"[synthesize] shard {done}/{len(missing)} written ({images}/{len(rows)} images, "
+                  f"{rate:.2f} images/s)", flush=True)
+            mlc.log_metric(run_id, "shards_written", done, step=images)
+            mlc.log_metric(run_id, "images_per_s_running", rate, step=images)
+    if pending:
+        raise SynthesizeError(f"synthesize: {len(pending)} shard(s) did not get all their images back from Ray Data")
+    # the first batch's arrival includes actor start-up; the rate counts what came after it
+    first_batch = min(cfg.batch_size, images)
+    elapsed = (last_at - first_at) if images > first_batch else 0.0
+    return (elapsed, images - first_batch) if elapsed > 0 else (1e-9, 0)
+
+
+def write_shard(shard: PlannedShard, pngs: dict[int, bytes], sampler: dict) -> None:
+    import webdataset as wds
+
+    tmp = shard.path.with_name(f".{shard.path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    with wds.TarWriter(str(tmp)) as sink:  # each sample's members together, in order
+        for slot, sample in enumerate(shard.samples):
+            meta = {"seed": sample["seed"], "image_index": sample["image_index"], "source": shard.source,
+                    "prompt_truncated": sample["truncated"], "sampler": sampler}
+            sink.write({"__key__": sample["key"], "png": pngs[slot], "txt": sample["prompt"],
+                        "json": json.dumps(meta).encode()})
+    os.replace(tmp, shard.path)
+
+
+def save_sample_grid(path: Path, shards: list[PlannedShard], count: int = 16) -> None:
+    """The first `count` generated images, 8 per row (a blank tile when there are none)."""
+    import numpy as np
+    import webdataset as wds
+    from PIL import Image
+
+    from stages.evaluate import decode_png
+
+    images = []
+    for shard in shards:
+        for sample in wds.WebDataset(str(shard.path), shardshuffle=False, empty_check=False):
+            images.append(decode_png(sample["png"]))
+            if len(images) >= count:
+                break
+        if len(images) >= count:
+            break
+    if not images:
+        Image.new("RGB", (64, 64)).save(path)
+        return
+    side = images[0].shape[0]
+    cols = min(8, len(images))
+    rows = -(-len(images) // cols)
+    canvas = np.zeros((rows * side, cols * side, 3), dtype=np.uint8)
+    for i, im in enumerate(images):
+        r, c = divmod(i, cols)
+        canvas[r * side:(r + 1) * side, c * side:(c + 1) * side] = im
+    Image.fromarray(canvas).save(path)
+
+
+def prompt_file_problems(data) -> list[str]:
+    """Config-time checks of a local `data.prompts` (a URI is read by the stage): it exists, its
+    format is known and it holds at least one prompt."""
+    if data.prompts is None or "://" in data.prompts:
+        return []
+    path = Path(os.path.expanduser(data.prompts))
+    if not path.is_file():
+        return [f"data.prompts: {data.prompts!r} does not exist (looked for {path.resolve()}); give a prompt "
+                f"file ({', '.join(FILE_FORMATS)})"]
+    try:
+        read_prompt_file(str(path), data.prompt_column)
+    except SynthesizeError as e:
+        return [str(e)]
+    return []
