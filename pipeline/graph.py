@@ -123,7 +123,8 @@ def plan(cfg: PipelineConfig, stages: list[StageSpec], only: set[str] = frozense
     for p in planned:
         if p.action != "run":
             continue
-        missing = [i for i in p.spec.inputs if by_name[i].action == "excluded"]
+        # an input that is not in this graph at all is absent, like a disabled one
+        missing = [i for i in p.spec.inputs if i in by_name and by_name[i].action == "excluded"]
         if missing:
             raise PlanError(f"stage {p.name} needs the output of {', '.join(missing)}, which is not "
                             f"committed for this config; add it to --only or drop --only")

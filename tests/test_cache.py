@@ -507,7 +507,7 @@ def _png(seed: int) -> bytes:
 def test_config_is_in_the_tree_and_graph():
     cfg = load_config(overrides=["cache.max_bad_fraction=0.2", "cache.posterior=sample"])
     assert isinstance(cfg.cache, cache.Config) and cfg.cache.max_bad_fraction == 0.2
-    assert [s.inputs for s in graph.default_stages() if s.name == "cache"] == [("shards", "teacher")]
+    assert [s.inputs for s in graph.default_stages() if s.name == "cache"] == [("shards", "teacher", "synthesize")]
     from pipeline.config import ConfigError
 
     with pytest.raises(ConfigError, match=r"cache.posterior: 'median' is invalid: Input should be 'mode' or 'sample'"):
