@@ -163,6 +163,10 @@ def check_environment(cfg: PipelineConfig) -> None:
         probe.unlink()
     except OSError as e:
         problems.append(f"workdir: {str(cfg.workdir)!r} is not writable ({e.strerror}); choose another with workdir=PATH")
+    # A warm-start student: the directory, its LoRA adapter, and that adapter's LoRA config vs swd.student.
+    from stages.distill import init_student_problems
+
+    problems += init_student_problems(cfg.distill.init_student, cfg.swd.student)
     if problems:
         raise ConfigError(problems)
 

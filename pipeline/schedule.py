@@ -23,9 +23,12 @@ period; this module makes that safe to repeat and to overlap. Steps of a schedul
    whose per-shard key it has not committed. With `schedule.skip_without_new_shards` and none new,
    the slot is recorded as done (`outcome=no_new_shards`) without running the stages.
 6. Warm start from the current champion (`register.model_name` @ `register.alias` in the MLflow
-   registry) when `schedule.warm_start`: the champion's student is handed to the distill stage
-   through its config field `WARM_START_FIELD`. A distill stage without that field trains from the
-   teacher, and the run records the gap (tag `schedule.warm_start`).
+   registry) when `schedule.warm_start`: the champion's MLflow model is downloaded once into
+   `workdir/schedule/champions/<name>-v<version>/` and handed to the distill stage through its config
+   field `WARM_START_FIELD` (`distill.init_student`, which finds the LoRA adapter inside). A champion
+   that cannot warm-start this config (no LoRA adapter, another LoRA rank / alpha / target modules,
+   `swd.student.full_finetune`) is not used: the student trains from the teacher, and the run
+   records why (tag `schedule.warm_start`), as it does for a distill stage without that field.
 7. The stage graph runs as usual (evaluate on the fixed eval set; register promotes only if better),
    under one MLflow parent run tagged `schedule.slot`, `schedule.new_shards`, `schedule.warm_start`.
    On success the slot record and `last_success.json` are written and the parent run is tagged
@@ -332,14 +335,29 @@ def warm_start(cfg, mlc, uri: str, enabled: bool) -> tuple[Any, str]:
                      f"trained from the teacher ({where} not used)")
     import mlflow.artifacts
 
+    from stages.distill import init_student_problems
+
     local = schedule_dir(cfg.workdir) / "champions" / f"{champ['name']}-v{champ['version']}"
     if not local.is_dir():
         tmp = local.with_name(local.name + f".{uuid.uuid4().hex[:6]}.tmp")
         mlflow.artifacts.download_artifacts(artifact_uri=champ["source"], dst_path=str(tmp),
                                             tracking_uri=uri)
         os.replace(tmp, local)
-    distill = cfg.distill.model_copy(update={WARM_START_FIELD: str(local)})
-    return cfg.model_copy(update={"distill": distill}), f"{where} ({local})"
+    model = _model_dir(local)
+    problems = init_student_problems(str(model), cfg.swd.student)
+    if problems:
+        return cfg, f"{where} not used: {' '.join(problems)}; the student was trained from the teacher"
+    distill = cfg.distill.model_copy(update={WARM_START_FIELD: str(model)})
+    return cfg.model_copy(update={"distill": distill}), f"{where} ({model})"
+
+
+def _model_dir(local: Path) -> Path:
+    """The MLflow model directory (the one holding `MLmodel`) in a download: the download itself, or
+    the artifact directory it holds (`download_artifacts` keeps the artifact's name, e.g. `student/`)."""
+    if (local / "MLmodel").is_file():
+        return local
+    found = sorted(local.glob("*/MLmodel"))
+    return found[0].parent if len(found) == 1 else local
 
 
 # ----------------------------------------------------------------------------- the scheduled run

@@ -3,7 +3,9 @@
 Steps (SWD.md section 4; DESIGN.md "Ray usage" and "DeepSpeed"):
 1. Driver checks before any Ray work: the cache holds every latent side the schedule needs (a
    full-resolution baseline needs the largest scale only), the scales fit the teacher (patch
-   size, latent side, feature block). It reads the prompts of the sample grid from the cache.
+   size, latent side, feature block), a warm-start `init_student` holds a LoRA adapter that fits
+   `swd.student` (`init_student_problems`; its content joins the fingerprint). It reads the prompts
+   of the sample grid from the cache.
 2. `TorchTrainer(train_loop, datasets={"train": read_cache(...)})` with `ScalingConfig` from this
    section (CPUs not given to the workers stay with Ray Data), `RunConfig(name, storage_path)`
    (storage under the stage's scratch dir unless `storage_path` is set), `FailureConfig(max_failures)`,
@@ -13,6 +15,8 @@ Steps (SWD.md section 4; DESIGN.md "Ray usage" and "DeepSpeed"):
    and one DeepSpeed engine per trained network (each its own config dict, ZeRO `zero_stage`,
    bf16 on GPU / fp32 on CPU, AdamW, gradient clipping); the teacher has no engine. It resumes from
    `ray.train.get_checkpoint()` when there is one: engine states, step counter, data position.
+   Otherwise, with `init_student`, the student LoRA starts from that adapter (`load_student_lora`,
+   before the engines are built) instead of B = 0; the fake network starts afresh either way.
 4. Per generator step at scale index i (`choose_scale_index`): `fake_updates_per_step` updates of
    F on fresh batches (student output without grad: no gradient reaches G), then one update of G
    with `generator_loss` (F called as `fake_engine.module` with its parameters frozen: no gradient
@@ -63,6 +67,10 @@ STATE_FILE = "state.json"   # rank 0's loop state inside each checkpoint
 EXPORT_DIR = "export"       # the final checkpoint also holds the export
 ENGINE_TAG = "state"        # DeepSpeed checkpoint tag (one per Ray Train checkpoint directory)
 PROGRESS_METRIC = "progress"  # logged with every batch of metrics: the last step in MLflow
+LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # the LoRA export's file (pipeline.swd.save_student)
+# Where distill.init_student's adapter may lie, first match wins: the `student/` export itself, a distill
+# stage output, an MLflow model of the register stage (pyfunc artifact "export" = the distill export).
+INIT_STUDENT_LAYOUTS = (".", STUDENT_DIR, f"artifacts/export/{STUDENT_DIR}")
 
 
 class Config(BaseModel):
@@ -107,13 +115,107 @@ class Config(BaseModel):
     # Stop (with the last good checkpoint kept) after this many generator steps in a row with a
     # non-finite loss; every such loss is skipped (never reaches the weights) and counted.
     max_nonfinite_steps: int = Field(10, ge=1)
+    # Warm start: the student LoRA starts from an earlier student's adapter (`init_student_adapter`
+    # finds it) instead of B = 0; the fake network starts afresh. A checkpoint of this run still wins.
+    init_student: str | None = None
 
     @model_validator(mode="after")
     def _gpu(self) -> "Config":
         if self.precision == "bf16" and not self.use_gpu:
             raise ValueError("distill.precision: 'bf16' needs distill.use_gpu=true (CPU training runs in "
                              "fp32); valid here: auto, fp32")
+        if self.init_student is not None and not self.init_student.strip():
+            raise ValueError("distill.init_student: '' is not a directory; give a student exported by this pipeline "
+                             "(a distill output or a registered model downloaded from MLflow) or null")
         return self
+
+
+# ----------------------------------------------------------------------------- warm start
+
+
+def init_student_adapter(init_student: str) -> Path:
+    """The LoRA adapter file of `distill.init_student`: the first of D/, D/student/ (a distill stage output)
+    and D/artifacts/export/student/ (an MLflow model logged by the register stage) holding LORA_WEIGHTS.
+    ValueError naming the key otherwise."""
+    directory = Path(os.path.expanduser(init_student))
+    if not directory.is_dir():
+        what = "is a file, not a directory" if directory.exists() else "does not exist"
+        raise ValueError(f"distill.init_student: {init_student!r} {what}; give a directory holding a student "
+                         f"exported by this pipeline (a distill output, its {STUDENT_DIR}/, or a registered model "
+                         f"downloaded from MLflow) or null to start from the teacher")
+    for sub in INIT_STUDENT_LAYOUTS:
+        if (directory / sub / LORA_WEIGHTS).is_file():
+            return (directory / sub / LORA_WEIGHTS).resolve()
+    looked = ", ".join(str(Path(init_student) / sub / LORA_WEIGHTS) for sub in INIT_STUDENT_LAYOUTS)
+    raise ValueError(f"distill.init_student: {init_student!r} holds no student LoRA adapter (looked for {looked}); "
+                     f"give a LoRA student exported by this pipeline (a full fine-tune export cannot warm start "
+                     f"a LoRA student) or null to start from the teacher")
+
+
+def adapter_lora_config(path: Path) -> dict | None:
+    """The adapter's LoraConfig (r, lora_alpha, target_modules, ...) from the safetensors header that
+    `save_student` writes; None when the file carries none. Reads the header only."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        raw = (f.metadata() or {}).get("lora_adapter_metadata")
+    if not raw:
+        return None
+    prefix = "transformer."
+    return {k.removeprefix(prefix): v for k, v in json.loads(raw).items()}
+
+
+def init_student_problems(init_student: str | None, student) -> list[str]:
+    """Before any Ray work: the warm-start source exists, holds a LoRA adapter, and (per its LoraConfig)
+    has the rank, alpha and target modules of `swd.student`. One line per problem."""
+    if init_student is None:
+        return []
+    if student.full_finetune:
+        return [f"distill.init_student: {init_student!r} warm-starts a LoRA student, but swd.student.full_finetune="
+                f"true trains every weight; set distill.init_student=null or swd.student.full_finetune=false"]
+    try:
+        path = init_student_adapter(init_student)
+    except ValueError as e:
+        return [str(e)]
+    try:
+        lora = adapter_lora_config(path)
+    except Exception as e:  # noqa: BLE001 - safetensors' SafetensorError, a bad JSON header
+        return [f"distill.init_student: {init_student!r}: {str(path)!r} is not a readable safetensors adapter "
+                f"({e}); give a LoRA student exported by this pipeline or null"]
+    if lora is None:
+        return []  # no LoraConfig in the file: the workers compare tensor shapes when they load it
+    theirs = {"lora_rank": lora.get("r"), "lora_alpha": lora.get("lora_alpha"),
+              "target_modules": sorted(lora.get("target_modules") or [])}
+    ours = {"lora_rank": student.lora_rank, "lora_alpha": float(student.lora_alpha),
+            "target_modules": sorted(student.target_modules)}
+    if isinstance(theirs["lora_alpha"], (int, float)):
+        theirs["lora_alpha"] = float(theirs["lora_alpha"])
+    differ = [k for k in ours if theirs[k] != ours[k]]
+    if not differ:
+        return []
+    return [f"distill.init_student: the adapter {str(path)!r} has " + ", ".join(f"{k} {theirs[k]}" for k in differ)
+            + "; swd.student has " + ", ".join(f"{k} {ours[k]}" for k in differ)
+            + "; set " + " ".join(f"swd.student.{k}={theirs[k]}".replace(" ", "") for k in differ)
+            + " to continue from it, or distill.init_student=null to start from the teacher"]
+
+
+def external_fingerprint(sections: dict) -> list | None:
+    """A warm-start adapter's content (sha256) joins the fingerprint: a new champion re-runs distill,
+    the same one is a cache hit."""
+    import hashlib
+
+    cfg: Config = sections["distill"]
+    if cfg.init_student is None:
+        return None
+    try:
+        path = init_student_adapter(cfg.init_student)
+    except ValueError:
+        return [cfg.init_student, "missing"]
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return [str(path), digest.hexdigest()]
 
 
 # ----------------------------------------------------------------------------- stage (driver)
@@ -132,22 +234,28 @@ def run(ctx: StageContext) -> None:
     columns = cache_columns(schedule.scales, manifest["scales"])
     directory = resolve_pretrained(bundle_location(ctx.inputs["teacher"]), teacher.local_files_only)
     check_teacher(swd, directory)
+    problems = init_student_problems(cfg.init_student, swd.student)
+    if problems:
+        raise ValueError("\n".join(problems))
+    init_adapter = str(init_student_adapter(cfg.init_student)) if cfg.init_student is not None else None
     hooks = json.loads(os.environ.get(HOOKS_ENV) or "{}")
     mlc = mlflow.MlflowClient(ctx.tracking_uri)
+    mlc.set_tag(ctx.run_id, "distill.init_student", init_adapter or "none: from the teacher")
 
     spec = LoopSpec(
         distill=cfg.model_dump(mode="json"), swd=swd.model_dump(mode="json"), location=str(directory),
         load_t5=teacher.load_t5, columns=columns,
         sample_prompts=sample_prompts(ctx.inputs["cache"], cfg.sample_num_prompts),
         tracking_uri=ctx.tracking_uri, run_id=ctx.run_id, vae_scale_factor=manifest.get("vae_scale_factor", 8),
-        hooks=hooks,
+        hooks=hooks, init_student=init_adapter,
     )
     check_data_cpus(cfg)
     storage = cfg.storage_path or str(Path(ctx.scratch_dir) / "ray_train")
     name = f"distill-{ctx.fingerprint}"
     print(f"[distill] {cfg.num_steps} steps, {cfg.num_workers} worker(s) x batch {cfg.batch_size_per_worker}, "
           f"ZeRO-{cfg.zero_stage}, {swd.loss.mode} mode, scales {schedule.scales}; checkpoints in "
-          f"{storage}/{name} (re-running the same config resumes from the last one)", flush=True)
+          f"{storage}/{name} (re-running the same config resumes from the last one)"
+          + (f"; student LoRA warm-started from {init_adapter}" if init_adapter else ""), flush=True)
     started = time.monotonic()
     result = fit(spec, ctx.inputs["cache"], storage, name, cfg)
     wall_s = time.monotonic() - started
@@ -177,7 +285,7 @@ def run(ctx: StageContext) -> None:
                "export_kind": state["export_kind"], "nonfinite_generator": state["nonfinite_generator"],
                "nonfinite_fake": state["nonfinite_fake"], "attempts": state.get("attempts", 1),
                "train_s": round(state.get("train_s", 0.0), 1),
-               "images_per_s": round(state.get("images_per_s", 0.0), 2),
+               "images_per_s": round(state.get("images_per_s", 0.0), 2), "init_student": init_adapter,
                "checkpoint": str(result.checkpoint.path)}
     (ctx.output_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=1) + "\n")
     mlc.log_artifacts(ctx.run_id, str(ctx.output_dir / STUDENT_DIR), STUDENT_DIR)
@@ -233,6 +341,7 @@ class LoopSpec:
     run_id: str
     vae_scale_factor: int
     hooks: dict
+    init_student: str | None = None     # warm start: the adapter file (on every worker's file system)
 
 
 def cache_columns(scales: list[int], cache_scales: list[int]) -> list[tuple[str, str]]:
@@ -361,11 +470,13 @@ class Trainer:
 
     # ---------------------------------------------------------------- setup
 
-    def build(self) -> None:
+    def build(self, warm_start: bool = True) -> None:
+        """Teacher, networks, engines. `warm_start`: the student LoRA from `spec.init_student`, if any
+        (off when a checkpoint will be restored: the checkpoint wins)."""
         import deepspeed
         import torch
 
-        from pipeline.swd import TextCond, build_networks
+        from pipeline.swd import TextCond, build_networks, load_student_lora
         from pipeline.teacher import load_bundle
 
         # bf16 engines hold bf16 weights (fp32 master copies of the trained ones in the optimiser):
@@ -385,6 +496,9 @@ class Trainer:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
         nets = build_networks(bundle.transformer, self.swd)
+        self.warm_started = warm_start and self.spec.init_student is not None
+        if self.warm_started:  # before the engines: ZeRO-3 partitions the weights as loaded here
+            load_student_lora(nets.student, self.spec.init_student)
         if self.cfg.gradient_checkpointing:
             nets.student.enable_gradient_checkpointing()
             if nets.fake is not None:
@@ -422,7 +536,7 @@ class Trainer:
                 self.state.update(json.loads((Path(d) / STATE_FILE).read_text()))
         # Ray Data starts streaming (tens of seconds on a busy machine) while the models load.
         batches = Prefetch(self.batches()) if self.state["step"] < self.cfg.num_steps else iter(())
-        self.build()
+        self.build(warm_start=checkpoint is None)
         if checkpoint is not None:
             self.restore_engines(checkpoint)
         self.state["attempts"] += 1
@@ -434,6 +548,9 @@ class Trainer:
             _say(f"[distill] resumed at step {self.state['step']}/{self.cfg.num_steps} (attempt "
                  f"{self.state['attempts']}); MLflow continues after step {self.logger.last_logged}")
             self._dump_weights(f"loaded_step{self.state['step']}")
+        if self.warm_started and self.rank == 0:
+            _say(f"[distill] student LoRA warm-started from {self.spec.init_student}")
+            self._dump_weights("init_student")
         start_step = self.state["step"]
         interval = Interval()
         while self.state["step"] < self.cfg.num_steps:

@@ -225,18 +225,22 @@ def test_sigkilled_worker_resumes_from_the_last_checkpoint(tmp_path, ray_local, 
 
 @pytest.fixture(scope="module")
 def resumed(tmp_path_factory, ray_local, inputs):
-    """1 worker, ZeRO-2, mmd_only: the first run skips NaN losses at steps 3, 5 and 6 (on the loss, before
-    any backward) and stops at step 6 (two in a row); the same config run again resumes from the step-4
-    checkpoint and finishes."""
+    """1 worker, ZeRO-2, mmd_only, warm-started from an exported student (distill.init_student): the first
+    run skips NaN losses at steps 3, 5 and 6 (on the loss, before any backward) and stops at step 6 (two in
+    a row); the same config run again resumes from the step-4 checkpoint (not from the adapter) and finishes."""
     root = tmp_path_factory.mktemp("resume")
-    overrides = [*FAST, "swd.loss.mode=mmd_only", "distill.num_steps=8", "distill.max_nonfinite_steps=2"]
+    champion = lora_export(root / "champion" / "student")
+    overrides = [*FAST, "swd.loss.mode=mmd_only", "distill.num_steps=8", "distill.max_nonfinite_steps=2",
+                 f"distill.init_student={champion.parent}"]
     dumps = root / "dumps"
     first = stage_context(root, inputs, overrides, fingerprint="resume")
     with pytest.raises(RuntimeError) as stopped:
         run_stage(first, {"nan_at_steps": [3, 5, 6], "dump_dir": str(dumps)})
     kept = checkpoints(first)
+    os.replace(dumps / "init_student.safetensors", dumps / "first_init_student.safetensors")
     second = run_stage(stage_context(root, inputs, overrides, fingerprint="resume"), {"dump_dir": str(dumps)})
-    return {"first": first, "second": second, "kept": kept, "dumps": dumps, "error": str(stopped.value)}
+    return {"first": first, "second": second, "kept": kept, "dumps": dumps, "error": str(stopped.value),
+            "adapter": champion / distill.LORA_WEIGHTS}
 
 
 def test_nonfinite_losses_are_skipped_counted_and_stop_the_run(resumed):
@@ -309,3 +313,109 @@ def test_export_generates_with_stock_diffusers(resumed, bundle):
     torch.manual_seed(5)
     plain = pipe(prompt, latents=noise.clone(), output_type="latent", **kwargs).images
     assert not torch.allclose(plain, latents, atol=1e-3)
+
+
+# ----------------------------------------------------------------------------- warm start (distill.init_student)
+
+
+def lora_export(directory: Path, lora_rank: int = 4, seed: int = 1) -> Path:
+    """A student LoRA exported with `save_student` from the tiny transformer, B random (non-zero)."""
+    from pipeline.swd.config import StudentConfig
+    from pipeline.swd.networks import build_student, save_student
+
+    student, _ = build_student(tiny.build_transformer(), StudentConfig(lora_rank=lora_rank, lora_alpha=lora_rank))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in student.named_parameters():
+            if "lora_B" in name:
+                p.add_(torch.randn(p.shape, generator=g) * 0.02)
+    directory.mkdir(parents=True)
+    save_student(student, directory)
+    return directory
+
+
+def test_init_student_errors_name_the_key_before_any_ray_work(tmp_path, capsys):
+    from pipeline.run import check_environment, main
+
+    base = [f"workdir={tmp_path / 'wd'}", "swd.student.lora_rank=4", "swd.student.lora_alpha=4"]
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "adapter_config.json").write_text("{}")
+    lora_export(tmp_path / "run" / "student")
+    cases = {
+        str(tmp_path / "missing"): r"distill.init_student: '.*missing' does not exist; give a directory holding a "
+                                   r"student exported by this pipeline",
+        str(tmp_path / "empty"): r"distill.init_student: '.*empty' holds no student LoRA adapter \(looked for "
+                                 r".*empty/pytorch_lora_weights.safetensors, .*empty/student/pytorch_lora_weights"
+                                 r".safetensors, .*empty/artifacts/export/student/.*\)",
+    }
+    for path, message in cases.items():
+        with pytest.raises(ConfigError, match=message):
+            check_environment(load_config(overrides=[*base, f"distill.init_student={path}"]))
+    # A distill output (its student/ export is found), another rank, a full fine-tune.
+    check_environment(load_config(overrides=[*base, f"distill.init_student={tmp_path / 'run'}"]))
+    with pytest.raises(ConfigError, match=r"distill.init_student: the adapter '.*run/student/pytorch_lora_weights."
+                                          r"safetensors' has lora_rank 4, lora_alpha 4.0; swd.student has lora_rank 8, "
+                                          r"lora_alpha 8.0; set swd.student.lora_rank=4 swd.student.lora_alpha=4.0"):
+        check_environment(load_config(overrides=[*base, "swd.student.lora_rank=8", "swd.student.lora_alpha=8",
+                                                 f"distill.init_student={tmp_path / 'run'}"]))
+    with pytest.raises(ConfigError, match=r"distill.init_student: .* warm-starts a LoRA student, but "
+                                          r"swd.student.full_finetune=true"):
+        check_environment(load_config(overrides=[*base, "swd.student.full_finetune=true",
+                                                 f"distill.init_student={tmp_path / 'run'}"]))
+    # The command line: exit 2, no Ray.
+    assert main(["--dry-run", *base, f"distill.init_student={tmp_path / 'missing'}"]) == 2
+    assert "distill.init_student: " in capsys.readouterr().err
+
+
+def test_load_student_lora_sets_the_exported_weights_and_refuses_another_rank(tmp_path):
+    from pipeline.swd.config import StudentConfig
+    from pipeline.swd.networks import build_student, load_student_lora, student_lora_state_dict
+
+    path = lora_export(tmp_path / "student") / distill.LORA_WEIGHTS
+    assert distill.init_student_adapter(str(tmp_path)) == path.resolve()  # D/student/ of a distill output
+    source = {k.removeprefix("transformer."): v for k, v in load_safetensors(path).items()}
+    student, _ = build_student(tiny.build_transformer(seed=3), StudentConfig(lora_rank=4, lora_alpha=4))
+    assert load_student_lora(student, path) == len(source) > 0
+    loaded = student_lora_state_dict(student)
+    assert loaded.keys() == source.keys()
+    for name, value in source.items():
+        torch.testing.assert_close(loaded[name], value, rtol=0, atol=0)
+    other, _ = build_student(tiny.build_transformer(), StudentConfig(lora_rank=8, lora_alpha=8))
+    with pytest.raises(ValueError, match=r"distill.init_student: the adapter '.*' does not fit the student LoRA .*"
+                                         r"lora_A.weight: \[4, 128\] in the adapter, \[8, 128\] in the student"):
+        load_student_lora(other, path)
+
+
+def test_init_student_content_joins_the_fingerprint(tmp_path):
+    from pipeline import graph
+
+    spec = graph.StageSpec("distill", distill, inputs=("cache", "teacher"))
+    lora_export(tmp_path / "a")
+
+    def fp(*overrides):
+        return graph.fingerprint(spec, load_config(overrides=list(overrides)), {"cache": "c", "teacher": "t"})
+
+    warm = fp(f"distill.init_student={tmp_path / 'a'}")
+    assert warm == fp(f"distill.init_student={tmp_path / 'a'}") != fp()
+    (tmp_path / "a" / distill.LORA_WEIGHTS).unlink()
+    lora_export(tmp_path / "b", seed=2)
+    os.replace(tmp_path / "b" / distill.LORA_WEIGHTS, tmp_path / "a" / distill.LORA_WEIGHTS)  # a new champion
+    assert fp(f"distill.init_student={tmp_path / 'a'}") != warm
+
+
+def test_warm_started_run_starts_from_the_adapter_and_its_checkpoint_wins_on_resume(resumed):
+    """The resumed fixture's first run starts from the exported adapter (dumped before step 1); the second
+    run resumes from its checkpoint (test_resume_continues_at_the_checkpointed_step_with_equal_weights)
+    and does not load the adapter again."""
+    source = load_safetensors(resumed["adapter"])
+    start = load_safetensors(resumed["dumps"] / "first_init_student.safetensors")
+    assert len(start) == len(source) > 0
+    for name, value in start.items():  # named_parameters: "<module>.lora_A.student.weight"
+        torch.testing.assert_close(value, source["transformer." + name.replace(".student.", ".")], rtol=0, atol=0)
+    assert not (resumed["dumps"] / "init_student.safetensors").exists()  # the resumed run did not warm-start
+    saved = load_safetensors(resumed["dumps"] / "saved_step4.safetensors")
+    assert any(not torch.equal(saved[n], start[n]) for n in saved)  # it trained: the checkpoint is not the adapter
+    adapter = str(resumed["adapter"].resolve())
+    for ctx in (resumed["first"], resumed["second"]):
+        assert mlflow.MlflowClient(ctx.tracking_uri).get_run(ctx.run_id).data.tags["distill.init_student"] == adapter
+    assert json.loads((resumed["second"].output_dir / distill.SUMMARY_FILE).read_text())["init_student"] == adapter

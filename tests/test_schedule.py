@@ -1,7 +1,7 @@
 """Scheduled retraining (pipeline/schedule.py): slot names, the same slot twice does nothing twice,
 only shards added since the last success are new work, two overlapping runs do not both train, a
 crashed run's lease is taken over, a run that lost its lease stops without recording its slot, the
-warm start is recorded. The stage graph here is the real `shards` stage plus a small `train` stage
+champion reaches the distill stage as `distill.init_student` (or, when it cannot, the tag says why). The stage graph here is the real `shards` stage plus a small `train` stage
 that logs what it trained on (the cache stage's per-shard reuse is in tests/test_schedule_cache.py)."""
 
 from __future__ import annotations
@@ -209,30 +209,51 @@ def test_a_run_that_loses_its_lease_stops_without_recording_its_slot(env, monkey
     assert schedule.Lease(env / "wd" / "schedule" / "lease", 1.5).current()["owner"] == "other"  # untouched
 
 
+def champion_model(root: Path) -> Path:
+    """A registered student as the register stage logs it: an MLflow model directory (MLmodel) whose
+    artifact `export` is the distill export, i.e. artifacts/export/student/ holding the LoRA (tiny
+    transformer, swd.student's default rank, alpha and target modules)."""
+    from pipeline import tiny
+    from pipeline.swd.config import StudentConfig
+    from pipeline.swd.networks import build_student, save_student
+
+    model = root / "student"
+    (model / "artifacts" / "export").mkdir(parents=True)
+    (model / "MLmodel").write_text("flavors: {}\n")
+    student, _ = build_student(tiny.build_transformer(num_layers=1), StudentConfig())
+    save_student(student, model / "artifacts" / "export" / "student")
+    return model
+
+
 def test_warm_start_is_recorded(env):
+    from stages.distill import init_student_adapter
+
     assert run_slot(env, "d1") == 0
     (parent,) = [r for r in runs_of_slot(env, "d1") if r.data.tags.get("pipeline.kind") == "pipeline"]
     assert parent.data.tags["schedule.warm_start"] == "no champion yet: trained from the teacher"
-    # A champion in the registry: used where the distill stage takes an initial student.
+    assert parent.data.params["distill.init_student"] == "None"
+    # A champion in the registry: downloaded once, and the distill stage's init_student points at it.
     mlc = client(env)
-    student = env / "champion-student"
-    student.mkdir()
-    (student / "adapter_config.json").write_text("{}")
     mlc.create_registered_model("swd-student")
-    mlc.create_model_version("swd-student", source=str(student), run_id=parent.info.run_id)
+    mlc.create_model_version("swd-student", source=str(champion_model(env / "champion-run")),
+                             run_id=parent.info.run_id)
     mlc.set_registered_model_alias("swd-student", "champion", "1")
     write_shard(env / "data", 2)
     assert run_slot(env, "d2") == 0
     (parent,) = [r for r in runs_of_slot(env, "d2") if r.data.tags.get("pipeline.kind") == "pipeline"]
-    how = parent.data.tags["schedule.warm_start"]
-    cfg = load_config(overrides=overrides(env))
-    if schedule.WARM_START_FIELD in type(cfg.distill).model_fields:
-        assert how.startswith("champion swd-student v1 (")
-    else:
-        assert how.startswith(f"unsupported: the distill stage has no '{schedule.WARM_START_FIELD}' option")
-        assert "champion swd-student v1 not used" in how
-    assert run_slot(env, "d3", "schedule.warm_start=false", "schedule.skip_without_new_shards=false") == 0
+    downloaded = env / "wd" / "schedule" / "champions" / "swd-student-v1" / "student"
+    assert parent.data.tags["schedule.warm_start"] == f"champion swd-student v1 ({downloaded})"
+    assert parent.data.params["distill.init_student"] == str(downloaded)  # the config the stages ran with
+    assert init_student_adapter(str(downloaded)) == downloaded / "artifacts/export/student/pytorch_lora_weights.safetensors"
+    # A champion this config cannot continue from (another LoRA rank): not used, and the tag says why.
+    assert run_slot(env, "d3", "swd.student.lora_rank=8", "schedule.skip_without_new_shards=false") == 0
     (parent,) = [r for r in runs_of_slot(env, "d3") if r.data.tags.get("pipeline.kind") == "pipeline"]
+    assert parent.data.tags["schedule.warm_start"].startswith(
+        "champion swd-student v1 not used: distill.init_student: the adapter ")
+    assert "has lora_rank 64; swd.student has lora_rank 8" in parent.data.tags["schedule.warm_start"]
+    assert parent.data.params["distill.init_student"] == "None"
+    assert run_slot(env, "d4", "schedule.warm_start=false", "schedule.skip_without_new_shards=false") == 0
+    (parent,) = [r for r in runs_of_slot(env, "d4") if r.data.tags.get("pipeline.kind") == "pipeline"]
     assert parent.data.tags["schedule.warm_start"] == "off"
 
 

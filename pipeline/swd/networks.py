@@ -196,6 +196,35 @@ def student_lora_state_dict(student) -> dict[str, torch.Tensor]:
     return get_peft_model_state_dict(student, adapter_name=STUDENT_ADAPTER)
 
 
+def load_student_lora(student, path, key: str = "distill.init_student") -> int:
+    """Warm start: set the student's LoRA (built by `build_student`) from an adapter file written by
+    `save_student` (safetensors, diffusers' `transformer.` key prefix) with peft's
+    `set_peft_model_state_dict`. Every tensor must match the student's by name and shape, else a
+    ValueError naming `key` and both shapes. Returns the number of tensors loaded."""
+    from peft.utils import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    prefix = "transformer."
+    state = {k.removeprefix(prefix): v for k, v in load_file(str(path)).items()}
+    expected = {k: tuple(v.shape) for k, v in student_lora_state_dict(student).items()}
+    lines = [f"{k}: {list(v.shape)} in the adapter, {list(expected[k])} in the student"
+             for k, v in state.items() if k in expected and tuple(v.shape) != expected[k]]
+    missing = sorted(set(expected) - set(state))
+    extra = sorted(set(state) - set(expected))
+    if lines or missing or extra:
+        where = ([f"{len(lines)} tensors differ in shape, e.g. {'; '.join(lines[:2])}"] if lines else []) + \
+                ([f"{len(missing)} student tensors are not in the adapter, e.g. {missing[0]}"] if missing else []) + \
+                ([f"{len(extra)} adapter tensors are not in the student, e.g. {extra[0]}"] if extra else [])
+        raise ValueError(f"{key}: the adapter {str(path)!r} does not fit the student LoRA (swd.student: lora_rank, "
+                         f"target_modules): {'; '.join(where)}; set swd.student to the adapter's LoRA config or "
+                         f"{key}=null")
+    result = set_peft_model_state_dict(student, state, adapter_name=STUDENT_ADAPTER)
+    if getattr(result, "unexpected_keys", None):
+        raise ValueError(f"{key}: peft did not place {len(result.unexpected_keys)} tensors of {str(path)!r} "
+                         f"in the student, e.g. {result.unexpected_keys[0]}")
+    return len(state)
+
+
 def save_student(student, directory) -> str:
     """Export the student for stock diffusers, safetensors only. LoRA: `pytorch_lora_weights.safetensors`
     with the adapter's LoraConfig as metadata (without it diffusers loses lora_alpha), loadable with
