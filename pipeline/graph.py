@@ -59,7 +59,9 @@ def default_stages() -> list[StageSpec]:
         StageSpec("cache", cache, inputs=("shards", "teacher", "synthesize")),
         StageSpec("distill", distill, inputs=("cache", "teacher")),
         StageSpec("distill_baseline", distill, inputs=("cache", "teacher"),
-                  configure=lambda cfg: {"swd": full_resolution_swd(cfg.swd)},
+                  # from the teacher, never a warm start: the scale-wise champion is no baseline
+                  configure=lambda cfg: {"swd": full_resolution_swd(cfg.swd),
+                                         "distill": cfg.distill.model_copy(update={"init_student": None})},
                   enabled=lambda cfg: cfg.evaluate.baseline),
         StageSpec("evaluate", evaluate, inputs=("shards", "teacher", "distill", "distill_baseline")),
         StageSpec("register", register, inputs=("teacher", "distill", "evaluate")),

@@ -135,3 +135,15 @@ def test_stage_variant_and_disabled_stage(workdir, toy_env):
     assert planned1["d"].action == "run"  # a new input: a new fingerprint
     assert run_stages(cfg1, list(planned1.values()), f"sqlite:///{workdir / 'mlflow.db'}", []) == 0
     assert graph.read_manifest(planned1["a_variant"].output_dir)["sections"]["data"]["generator"]["seed"] == 100
+
+
+def test_the_baseline_variant_is_full_resolution_and_never_warm_started():
+    from pipeline.config import load_config
+
+    cfg = load_config(overrides=["evaluate.baseline=true", "distill.init_student=/somewhere/champion"])
+    (spec,) = [s for s in graph.default_stages() if s.name == "distill_baseline"]
+    sections = spec.sections(cfg)
+    assert sections["distill"].init_student is None and cfg.distill.init_student == "/somewhere/champion"
+    scales = sections["swd"].schedule.scales
+    assert len(set(scales)) == 1 and scales[-1] == cfg.swd.schedule.scales[-1]
+    assert spec.enabled(cfg) and not spec.enabled(load_config())
