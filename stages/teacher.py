@@ -10,11 +10,15 @@ Steps:
    a. decode the train shards into memory (uint8 images, prompts);
    b. VAE: reconstruction MSE + per-dimension KL; then measure the latents' mean and std and
       store them as the VAE's `shift_factor` / `1 / scaling_factor` (as SD3 does);
-   c. encode every image once (posterior mean and std; a fresh posterior sample per step);
+   c. encode every image once per training side (posterior mean and std; a fresh posterior
+      sample per step); smaller sides (`multires_latent_sides`) from area-downsampled pixels, as
+      the cache stage makes them, so the teacher also works at SwD's small scales;
    d. transformer + both CLIP text encoders jointly, rectified flow (SWD.md section 2):
       x_sigma = (1 - sigma) x0 + sigma eps, velocity target eps - x0, sigma logit-normal,
       `prompt_dropout` of the prompts replaced by "" so classifier-free guidance works, EMA of
-      the weights (the EMA weights are what gets saved);
+      the weights (the EMA weights are what gets saved); a `multires_fraction` of the steps train
+      at a smaller side drawn from `multires_latent_sides` (a scale-wise student asks the teacher
+      for scores at every scale: SD3.5 is trained at several resolutions, the tiny teacher must be too);
    e. save the bundle with `save_pretrained` (diffusers layout, safetensors) into `bundle/`.
    Progress and a resumable checkpoint (safetensors) go to the scratch dir every
    `checkpoint_every_steps`; a killed run resumes from the last one (the finished VAE is kept
@@ -36,7 +40,7 @@ import time
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from pipeline.context import StageContext
 
@@ -76,6 +80,10 @@ class Config(BaseModel):
     warmup_steps: int = Field(100, ge=0)
     prompt_dropout: float = Field(0.1, ge=0, lt=1)
     ema_decay: float = Field(0.999, ge=0, lt=1)
+    # Multi-resolution flow training: this fraction of the steps uses a latent side drawn uniformly
+    # from multires_latent_sides (smaller than the native 16, multiples of patch_size); [] or 0: none.
+    multires_latent_sides: list[int] = [8, 10, 12]
+    multires_fraction: float = Field(0.5, ge=0, lt=1)
     patch_size: int = 2
     num_layers: int = Field(4, ge=1)
     num_heads: int = Field(4, ge=1)
@@ -102,6 +110,14 @@ class Config(BaseModel):
         if v not in (1, 2, 4):
             raise ValueError(f"teacher.patch_size {v} is not supported; valid: 1, 2, 4 (16x16 latents)")
         return v
+
+    @model_validator(mode="after")
+    def _multires(self) -> "Config":
+        bad = [s for s in self.multires_latent_sides if not 0 < s < 16 or s % self.patch_size]
+        if bad:
+            raise ValueError(f"teacher.multires_latent_sides: {bad} invalid: each side must be below the native 16 "
+                             f"and a multiple of teacher.patch_size ({self.patch_size})")
+        return self
 
 
 def external_fingerprint(sections: dict) -> list | None:
@@ -182,7 +198,11 @@ def _train(cfg_dict: dict, train_urls: list[str], eval_urls: list[str], output_d
     pipe.vae.register_to_config(shift_factor=shift, scaling_factor=scale)
     log.params({"vae_shift_factor": shift, "vae_scaling_factor": scale})
 
-    flow_stats = _train_flow(pipe, mean, std, prompts, cfg, scratch, log)
+    sides = {int(mean.shape[-1]): (mean, std)}
+    if cfg.multires_fraction > 0:
+        for side in sorted(set(cfg.multires_latent_sides)):
+            sides[side] = _encode_all(pipe.vae, _downsample(images, side * tiny.PIXEL_SIDE // int(mean.shape[-1])))
+    flow_stats = _train_flow(pipe, sides, prompts, cfg, scratch, log)
     info = {"max_sequence_length": 0, "guidance_scale": cfg.sample_guidance_scale, "seed": cfg.seed,
             "vae_num_steps": vae_stats["steps"], "num_steps": flow_stats["steps"], "train_samples": len(prompts)}
     tiny.save_bundle(pipe, Path(output_dir) / BUNDLE_DIR, info)
@@ -284,6 +304,16 @@ def _train_vae(vae, images, cfg: Config, scratch: Path, log: "_Logger") -> dict:
     return stats
 
 
+def _downsample(images_uint8, side_px: int):
+    """Area downsampling in pixel space, as the cache stage does (`pipeline.swd.inputs.area_downsample`)."""
+    import torch
+
+    from pipeline.swd.inputs import area_downsample
+
+    out = [area_downsample(images_uint8[i:i + 512].float(), side_px) for i in range(0, len(images_uint8), 512)]
+    return torch.cat(out).round().clamp(0, 255).to(torch.uint8)
+
+
 def _encode_all(vae, images, batch: int = 256):
     """Step 2c: posterior mean and std of every image (a fresh sample is drawn per training step)."""
     import torch
@@ -297,8 +327,9 @@ def _encode_all(vae, images, batch: int = 256):
     return torch.cat(means), torch.cat(stds)
 
 
-def _train_flow(pipe, mean, std, prompts: list[str], cfg: Config, scratch: Path, log: "_Logger") -> dict:
-    """Step 2d: rectified flow on the normalised latents, text encoders trained jointly, EMA."""
+def _train_flow(pipe, sides: dict, prompts: list[str], cfg: Config, scratch: Path, log: "_Logger") -> dict:
+    """Step 2d: rectified flow on the normalised latents, text encoders trained jointly, EMA.
+    `sides`: latent side -> (posterior mean, std) of every image; the first is the native side."""
     import torch
 
     modules = {"transformer": pipe.transformer, "text_encoder": pipe.text_encoder,
@@ -311,12 +342,17 @@ def _train_flow(pipe, mean, std, prompts: list[str], cfg: Config, scratch: Path,
     for m in modules.values():
         m.train()
     shift, scale = pipe.vae.config.shift_factor, pipe.vae.config.scaling_factor
+    native, *smaller = list(sides)
     start, loss_sum, n, step, last_loss = time.monotonic(), 0.0, 0, first - 1, float("nan")
     for step in range(first, cfg.num_steps):
         for group in opt.param_groups:
             group["lr"] = _lr_at(step, cfg.lr, cfg.warmup_steps)
         gen.manual_seed(cfg.seed * 1_000_003 + step)  # per-step draws: a resumed run equals a straight one
         idx = torch.randint(len(prompts), (cfg.batch_size,), generator=gen)
+        side = native
+        if smaller and float(torch.rand((), generator=gen)) < cfg.multires_fraction:
+            side = smaller[int(torch.randint(len(smaller), (), generator=gen))]
+        mean, std = sides[side]
         z = mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=gen)
         x0 = (z - shift) * scale
         drop = torch.rand(cfg.batch_size, generator=gen) < cfg.prompt_dropout

@@ -149,6 +149,22 @@ def test_config_errors_name_key_value_and_valid():
         Config(dtype="float64")
     with pytest.raises(ValidationError, match="extra"):
         Config(num_stepz=3)
+    with pytest.raises(ValidationError, match=r"teacher.multires_latent_sides: \[16, 9\] invalid: each side must be "
+                                              r"below the native 16 and a multiple of teacher.patch_size \(2\)"):
+        Config(multires_latent_sides=[8, 16, 9])
+    assert Config(multires_latent_sides=[], multires_fraction=0.0).multires_latent_sides == []
+
+
+def test_smaller_training_sides_are_area_downsampled_like_the_cache():
+    import torch
+
+    from pipeline.swd.inputs import area_downsample
+    from stages.teacher import _downsample
+
+    images = torch.randint(0, 256, (3, 3, 64, 64), dtype=torch.uint8)
+    small = _downsample(images, 32)
+    assert small.dtype == torch.uint8 and small.shape == (3, 3, 32, 32)
+    assert torch.equal(small, area_downsample(images.float(), 32).round().to(torch.uint8))
 
 
 def test_bundle_location_reads_the_stage_record(tmp_path):
