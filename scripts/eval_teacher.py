@@ -32,9 +32,12 @@ def main() -> None:
     parser.add_argument("--colours", default="red,green,blue,yellow,purple,orange")
     parser.add_argument("--sizes", default="small,large")
     parser.add_argument("--backgrounds", default="black,white")
+    parser.add_argument("--sides", default="64", help="comma-separated image sides in px to sweep (below the native "
+                        "64: SwD's smaller scales; images are upsampled bicubically to 64 for the oracle)")
     parser.add_argument("--by", default=None, help="also report accuracy split by this attribute (e.g. size)")
     args = parser.parse_args()
 
+    import numpy as np
     import torch
 
     from pipeline import oracle, shapes
@@ -46,15 +49,20 @@ def main() -> None:
     prompts = [s["txt"] for s in samples]
     targets = [json.loads(s["json"]) for s in samples]
     bundle = load_bundle(args.bundle)
-    for guidance in [float(g) for g in args.guidance_scale.split(",")]:
+    for side, guidance in [(int(s), float(g)) for s in args.sides.split(",") for g in args.guidance_scale.split(",")]:
         gen = torch.Generator().manual_seed(args.seed)
         started, images = time.monotonic(), []
         for i in range(0, len(prompts), 32):
             images.extend(bundle.pipeline(prompt=prompts[i:i + 32], num_inference_steps=args.steps,
                                           guidance_scale=guidance, max_sequence_length=bundle.max_sequence_length,
-                                          generator=gen, output_type="np").images)
+                                          height=side, width=side, generator=gen, output_type="np").images)
         elapsed = time.monotonic() - started
-        result = {"guidance_scale": guidance, "steps": args.steps, "num_prompts": len(prompts),
+        if side != 64:
+            from PIL import Image
+
+            images = [np.asarray(Image.fromarray((im * 255).round().astype(np.uint8)).resize((64, 64), Image.BICUBIC))
+                      for im in images]
+        result = {"side_px": side, "guidance_scale": guidance, "steps": args.steps, "num_prompts": len(prompts),
                   "s_per_image": round(elapsed / len(prompts), 4),
                   **{k: round(v, 4) for k, v in oracle.score(images, targets).items()}}
         if args.by:

@@ -68,6 +68,9 @@ class Config(BaseModel):
     # pipeline.yaml budget (under 8 minutes on an idle 2-core CPU); assets/tiny-teacher used
     # vae_num_steps=500, num_steps=1500 (assets/README.md).
     seed: int = 0
+    # Continue training from a trained tiny bundle directory (its VAE kept as it is) instead of from
+    # random weights; how assets/tiny-teacher got its multi-resolution phase. null: from scratch.
+    init_bundle: str | None = None
     num_cpus: int = Field(2, ge=1)  # CPUs of the Ray task that trains
     time_limit_s: float | None = Field(None, gt=0)  # stop each training phase early past this wall time (null: steps only)
     vae_num_steps: int = Field(200, ge=1)
@@ -126,7 +129,8 @@ def external_fingerprint(sections: dict) -> list | None:
 
     cfg: Config = sections["teacher"]
     if cfg.pretrained is None:
-        return None
+        init = Path(os.path.expanduser(cfg.init_bundle)) if cfg.init_bundle else None
+        return [str(init), directory_digest(init)] if init and init.is_dir() else None
     directory = resolve_pretrained(cfg.pretrained, cfg.local_files_only)
     return [str(directory), directory_digest(directory)]
 
@@ -187,15 +191,25 @@ def _train(cfg_dict: dict, train_urls: list[str], eval_urls: list[str], output_d
 
     images, prompts, _ = _read_shards(train_urls, tiny.PIXEL_SIDE)
     print(f"[teacher] {len(prompts)} train samples from {len(train_urls)} shard(s)", flush=True)
-    pipe = tiny.build_pipeline(seed=cfg.seed, patch_size=cfg.patch_size, num_layers=cfg.num_layers,
-                               num_heads=cfg.num_heads, head_dim=cfg.head_dim)
-    pipe.set_progress_bar_config(disable=True)
+    if cfg.init_bundle:  # continue from a trained tiny bundle: its VAE (and latent statistics) as they are
+        from diffusers import StableDiffusion3Pipeline
 
-    vae_stats = _train_vae(pipe.vae, images, cfg, scratch, log)
-    mean, std = _encode_all(pipe.vae, images)
-    shift = float(mean.mean())
-    scale = float(1.0 / ((mean - shift).pow(2).mean() + std.pow(2).mean()).sqrt())  # std of posterior samples
-    pipe.vae.register_to_config(shift_factor=shift, scaling_factor=scale)
+        pipe = StableDiffusion3Pipeline.from_pretrained(cfg.init_bundle, use_safetensors=True, local_files_only=True,
+                                                        text_encoder_3=None, tokenizer_3=None)
+        for module in (pipe.transformer, pipe.text_encoder, pipe.text_encoder_2):
+            module.requires_grad_(True)
+        vae_stats = {"steps": 0, "psnr_db": None}
+        mean, std = _encode_all(pipe.vae, images)
+        shift, scale = pipe.vae.config.shift_factor, pipe.vae.config.scaling_factor
+    else:
+        pipe = tiny.build_pipeline(seed=cfg.seed, patch_size=cfg.patch_size, num_layers=cfg.num_layers,
+                                   num_heads=cfg.num_heads, head_dim=cfg.head_dim)
+        vae_stats = _train_vae(pipe.vae, images, cfg, scratch, log)
+        mean, std = _encode_all(pipe.vae, images)
+        shift = float(mean.mean())
+        scale = float(1.0 / ((mean - shift).pow(2).mean() + std.pow(2).mean()).sqrt())  # std of posterior samples
+        pipe.vae.register_to_config(shift_factor=shift, scaling_factor=scale)
+    pipe.set_progress_bar_config(disable=True)
     log.params({"vae_shift_factor": shift, "vae_scaling_factor": scale})
 
     sides = {int(mean.shape[-1]): (mean, std)}
@@ -204,6 +218,7 @@ def _train(cfg_dict: dict, train_urls: list[str], eval_urls: list[str], output_d
             sides[side] = _encode_all(pipe.vae, _downsample(images, side * tiny.PIXEL_SIDE // int(mean.shape[-1])))
     flow_stats = _train_flow(pipe, sides, prompts, cfg, scratch, log)
     info = {"max_sequence_length": 0, "guidance_scale": cfg.sample_guidance_scale, "seed": cfg.seed,
+            "init_bundle": cfg.init_bundle,
             "vae_num_steps": vae_stats["steps"], "num_steps": flow_stats["steps"], "train_samples": len(prompts)}
     tiny.save_bundle(pipe, Path(output_dir) / BUNDLE_DIR, info)
     train_s = time.monotonic() - started

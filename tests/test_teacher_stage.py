@@ -109,3 +109,22 @@ def test_bad_pretrained_fails_with_what_was_expected(tmp_path):
         stage.run(ctx)
     with pytest.raises(teacher.TeacherError, match="no such directory"):
         stage.external_fingerprint({"teacher": stage.Config(pretrained=str(tmp_path / "missing"))})
+
+
+def test_training_can_continue_from_a_bundle_keeping_its_vae(tmp_path, ray_local):
+    import torch
+
+    start = tiny.build_bundle(tmp_path / "start")
+    budget = {**TINY_BUDGET, "num_layers": 4, "init_bundle": str(start), "multires_fraction": 0.9}
+    ctx = _context(tmp_path, stage.Config(**budget), _shards(tmp_path / "shards"))
+    assert stage.external_fingerprint({"teacher": ctx.config})[0] == str(start)
+    stage.run(ctx)
+    record = json.loads((ctx.output_dir / stage.TEACHER_FILE).read_text())
+    assert record["vae_steps"] == 0 and record["steps"] == 4
+    before, after = teacher.load_bundle(start), teacher.load_bundle(teacher.bundle_location(ctx.output_dir))
+    for a, b in zip(before.vae.state_dict().values(), after.vae.state_dict().values()):
+        assert torch.equal(a, b)  # the VAE and its latent statistics are kept
+    assert after.shift_factor == before.shift_factor
+    moved = [not torch.equal(a, b) for a, b in zip(before.transformer.state_dict().values(),
+                                                    after.transformer.state_dict().values())]
+    assert any(moved)  # the transformer trained on from the bundle's weights
