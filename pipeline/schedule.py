@@ -38,7 +38,6 @@ period; this module makes that safe to repeat and to overlap. Steps of a schedul
 
 from __future__ import annotations
 
-import _thread
 import json
 import os
 import re
@@ -273,6 +272,21 @@ class Lease:
         self._thread.start()
 
 
+class LeaseLost(KeyboardInterrupt):
+    """Raised in the main thread when another run has taken the lease over (a KeyboardInterrupt, so
+    the stage runner marks the run KILLED and commits nothing)."""
+
+
+def interrupt_main_thread() -> None:
+    """Raise LeaseLost in the main thread at its next Python instruction. Not `_thread.interrupt_main`:
+    that calls whatever SIGINT handler is installed, and once a library has replaced Python's default
+    handler it raises nothing (seen in the full test suite: the run slept on to its end)."""
+    import ctypes
+
+    ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(threading.main_thread().ident),
+                                               ctypes.py_object(LeaseLost))
+
+
 def describe_holder(rec: dict | None) -> str:
     if not rec:
         return "nobody"
@@ -404,7 +418,7 @@ def run_scheduled(cfg, slot: str, uri: str, argv: list[str], *, plan: Callable, 
         print(f"[schedule] slot {slot}: another run holds the lease on {cfg.workdir}: "
               f"{describe_holder(lease.holder)}; not training", flush=True)
         return 0
-    lease.keep_renewed(on_lost=_thread.interrupt_main)
+    lease.keep_renewed(on_lost=interrupt_main_thread)
     try:
         if (how := done()) is not None:
             print(f"[schedule] slot {slot} already done ({how}); nothing to do", flush=True)

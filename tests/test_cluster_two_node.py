@@ -167,14 +167,18 @@ def test_distill_across_two_nodes_survives_losing_one(cluster, inputs, tmp_path)
                               stderr=subprocess.STDOUT, start_new_session=True)
     placed: dict[int, str] = {}
     try:
+        # Ray Train's controller registers a reported checkpoint when it next polls the workers: kill
+        # only once it has, or the restart has no checkpoint and starts from step 0.
+        snapshot = tmp_path / "scratch" / "ray_train" / "distill-twonode" / "checkpoint_manager_snapshot.json"
         deadline = time.monotonic() + 900
-        while True:  # both ranks running, one on each node, past the step-2 checkpoint
+        while True:  # both ranks running, one on each node, past the registered step-2 checkpoint
             assert driver.poll() is None, (tmp_path / "driver.log").read_text()[-6000:]
             assert time.monotonic() < deadline, "distill never reached step 3 on both ranks"
             steps = [pid_dir / f"rank{r}.step" for r in (0, 1)]
-            if all(s.is_file() and s.read_text().strip() and int(s.read_text()) >= 3 for s in steps):
+            registered = snapshot.is_file() and "checkpoint_step" in snapshot.read_text()
+            if registered and all(s.is_file() and s.read_text().strip() and int(s.read_text()) >= 3 for s in steps):
                 break
-            time.sleep(0.2)
+            time.sleep(0.05)
         on_worker = set(descendants(worker.pid))
         for rank in (0, 1):
             pid = int((pid_dir / f"rank{rank}.pid").read_text())

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -199,7 +200,12 @@ def test_a_failed_run_records_nothing_releases_the_lease_and_the_slot_retries(en
 
 def test_a_run_that_loses_its_lease_stops_without_recording_its_slot(env, monkeypatch):
     monkeypatch.setenv("SCHED_STEAL", str(env / "wd" / "schedule" / "lease"))
-    assert run_slot(env, "d1", "schedule.lease_ttl_s=1.5") == schedule.EXIT_LEASE_LOST
+    # A library may have replaced Python's SIGINT handler (then _thread.interrupt_main raises nothing).
+    previous = signal.signal(signal.SIGINT, lambda *_: None)
+    try:
+        assert run_slot(env, "d1", "schedule.lease_ttl_s=1.5") == schedule.EXIT_LEASE_LOST
+    finally:
+        signal.signal(signal.SIGINT, previous)
     # Stopped while it still had up to a minute to sleep (not by finishing); no wall-clock bound
     # on the whole run, which includes creating the MLflow store on a loaded machine.
     assert not (env / "wd" / "schedule" / "not-interrupted").exists()
