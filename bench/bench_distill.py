@@ -34,34 +34,6 @@ from pipeline.config import load_config  # noqa: E402
 from stages import cache, distill  # noqa: E402
 
 
-def synthetic_cache(root: Path, bundle_dir: Path, rows: int, scales: list[int]) -> Path:
-    """A cache output of `rows` rows: the bundle's prompt embeddings, random latents per scale."""
-    import pyarrow.parquet as pq
-
-    from pipeline.shapes import COLOURS_RGB, SHAPES
-    from pipeline.teacher import load_bundle
-
-    bundle = load_bundle(bundle_dir)
-    colours = list(COLOURS_RGB)
-    prompts = [f"a {colours[i % len(colours)]} {SHAPES[i % len(SHAPES)]} in the centre on a black background"
-               for i in range(rows)]
-    with torch.no_grad():
-        prompt_embeds, pooled = bundle.encode_prompt(prompts)
-    g = torch.Generator().manual_seed(0)
-    tensors = {"prompt_embeds": prompt_embeds, "pooled_prompt_embeds": pooled}
-    for i, side in enumerate(scales):
-        prev = scales[max(i - 1, 0)]
-        tensors[f"z_{i}"] = torch.randn(rows, 4, side, side, generator=g)
-        tensors[f"z_im1_{i}"] = torch.randn(rows, 4, prev, prev, generator=g)
-    (root / "data").mkdir(parents=True)
-    table = cache.rows_table([f"k{i:05d}" for i in range(rows)], prompts, ["s"] * rows, tensors,
-                             cache.tensor_names(len(scales)))
-    pq.write_table(table, root / "data" / "part-0.parquet")
-    (root / cache.CACHE_FILE).write_text(json.dumps({"scales": scales, "vae_scale_factor": 4, "rejects_by_reason": {},
-                                                     "shards": [{"dir": str(root / "data"), "rows": rows}]}))
-    return root
-
-
 def bare_loop(bundle_dir: Path, cache_dir: Path, cfg, swd, steps: int, warmup: int) -> dict:
     """The stage's step (SWD.md section 4) in plain PyTorch: torch AdamW, clip_grad_norm_, no Ray, no DeepSpeed."""
     import pyarrow.parquet as pq
@@ -187,7 +159,7 @@ def main() -> int:
         root = Path(tmp)
         bundle_dir = tiny.build_bundle(root / "bundle")
         rows = args.rows or cfg.batch_size_per_worker * (1 + cfg.fake_updates_per_step) * (args.warmup + args.steps + 2)
-        cache_dir = synthetic_cache(root / "cache", bundle_dir, rows, swd.schedule.scales)
+        cache_dir = tiny.synthetic_cache(root / "cache", bundle_dir, rows, swd.schedule.scales)
         print(f"[bench] {swd.loss.mode} SwD, scales {swd.schedule.scales}, batch {cfg.batch_size_per_worker}, "
               f"{cfg.fake_updates_per_step} fake updates per step, LoRA rank {swd.student.lora_rank}, ZeRO-{cfg.zero_stage}, "
               f"{args.warmup} warm-up + {args.steps} timed steps", flush=True)

@@ -28,7 +28,7 @@ period; this module makes that safe to repeat and to overlap. Steps of a schedul
    field `WARM_START_FIELD` (`distill.init_student`, which finds the LoRA adapter inside). A champion
    that cannot warm-start this config (no LoRA adapter, another LoRA rank / alpha / target modules,
    `swd.student.full_finetune`) is not used: the student trains from the teacher, and the run
-   records why (tag `schedule.warm_start`), as it does for a distill stage without that field.
+   records why (tag `schedule.warm_start`).
 7. The stage graph runs as usual (evaluate on the fixed eval set; register promotes only if better),
    under one MLflow parent run tagged `schedule.slot`, `schedule.new_shards`, `schedule.warm_start`.
    On success the slot record and `last_success.json` are written and the parent run is tagged
@@ -67,7 +67,7 @@ class Config(BaseModel):
     lease_ttl_s: float = Field(300.0, ge=1)
     # Record the slot as done without running when no train shard was added since the last success.
     skip_without_new_shards: bool = True
-    # Start the student from the current champion (needs a distill stage with WARM_START_FIELD).
+    # Start the student from the current champion (distill.init_student).
     warm_start: bool = True
 
 
@@ -337,16 +337,13 @@ def champion(mlc, cfg) -> dict | None:
 
 def warm_start(cfg, mlc, uri: str, enabled: bool) -> tuple[Any, str]:
     """(config, what happened): the config with the champion as the distill stage's initial student
-    where the stage supports it."""
+    when it fits this config's student LoRA."""
     if not enabled:
         return cfg, "off"
     champ = champion(mlc, cfg)
     if champ is None:
         return cfg, "no champion yet: trained from the teacher"
     where = f"champion {champ['name']} v{champ['version']}"
-    if WARM_START_FIELD not in type(cfg.distill).model_fields:
-        return cfg, (f"unsupported: the distill stage has no '{WARM_START_FIELD}' option, so the student was "
-                     f"trained from the teacher ({where} not used)")
     import mlflow.artifacts
 
     from stages.distill import init_student_problems

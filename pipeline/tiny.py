@@ -168,3 +168,36 @@ def save_bundle(pipe, directory: str | Path, info: dict | None = None) -> Path:
 def build_bundle(directory: str | Path, seed: int = 0, info: dict | None = None) -> Path:
     """Write a randomly initialised tiny bundle to `directory` (tests, and the start of training)."""
     return save_bundle(build_pipeline(seed=seed), directory, info)
+
+
+def synthetic_cache(root: str | Path, bundle_dir: str | Path, rows: int, scales: list[int]) -> Path:
+    """A committed-looking `cache` stage output (tests, bench_distill): the bundle's real prompt
+    embeddings of shapes prompts and random latents per scale, one Parquet file."""
+    import pyarrow.parquet as pq
+    import torch
+
+    from pipeline.shapes import COLOURS_RGB, SHAPES
+    from pipeline.teacher import load_bundle
+    from stages import cache
+
+    root = Path(root)
+    colours = list(COLOURS_RGB)
+    prompts = [f"a {colours[i % len(colours)]} {SHAPES[i % len(SHAPES)]} in the top left on a black background"
+               for i in range(rows)]
+    with torch.no_grad():
+        prompt_embeds, pooled = load_bundle(bundle_dir).encode_prompt(prompts)
+    g = torch.Generator().manual_seed(0)
+    tensors = {"prompt_embeds": prompt_embeds, "pooled_prompt_embeds": pooled}
+    for i, side in enumerate(scales):
+        prev = scales[max(i - 1, 0)]
+        tensors[f"z_{i}"] = torch.randn(rows, LATENT_CHANNELS, side, side, generator=g)
+        tensors[f"z_im1_{i}"] = torch.randn(rows, LATENT_CHANNELS, prev, prev, generator=g)
+    data = root / "data"
+    data.mkdir(parents=True)
+    table = cache.rows_table([f"k{i:05d}" for i in range(rows)], prompts, ["shard0"] * rows, tensors,
+                             cache.tensor_names(len(scales)))
+    pq.write_table(table, data / "part-0.parquet")
+    (root / cache.CACHE_FILE).write_text(json.dumps({
+        "scales": list(scales), "vae_scale_factor": PIXEL_SIDE // 16, "rejects_by_reason": {},
+        "shards": [{"dir": str(data), "rows": rows}]}))
+    return root

@@ -38,6 +38,7 @@ import os
 import tarfile
 import time
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -162,6 +163,7 @@ def run(ctx: StageContext) -> None:
                              num_threads=max(1, int(cfg.num_cpus_per_actor)), teacher_num_steps=cfg.num_steps,
                              guidance_scale=cfg.guidance_scale, latent_side=side_px // native["vae_scale_factor"])
     generated_s, images = generate_shards(missing, spec, cfg, gpus, sampler, mlc, ctx.run_id)
+    rate = images / generated_s if images and generated_s > 0 else None  # steady images/s
 
     # 5. outputs
     entries = [{"url": str(s.path), "size_bytes": s.path.stat().st_size, "samples": len(s.samples),
@@ -178,14 +180,14 @@ def run(ctx: StageContext) -> None:
                "images": sum(len(s.samples) for s in shards), "shards": len(shards),
                "shards_generated": len(missing), "shards_reused": len(shards) - len(missing),
                "image_shards_passed_through": len(passthrough), "sampler": sampler,
-               "images_per_s": round(images / generated_s, 3) if images else None}
+               "images_per_s": round(rate, 3) if rate else None}
     (ctx.output_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=1) + "\n")
     save_sample_grid(ctx.output_dir / GRID_FILE, shards)
     metrics = {k: float(summary[k]) for k in ("prompts", "skipped", "truncated", "images", "shards",
                                               "shards_generated", "shards_reused")}
     metrics["synthesize_wall_s"] = time.monotonic() - started
-    if images:
-        metrics["images_per_s"] = images / generated_s
+    if rate:
+        metrics["images_per_s"] = rate
     for k, v in metrics.items():
         mlc.log_metric(ctx.run_id, k, v)
     for name in OUTPUTS:
@@ -193,7 +195,7 @@ def run(ctx: StageContext) -> None:
     ctx.summary.update({k: summary[k] for k in ("prompts", "skipped", "truncated", "images", "shards_generated",
                                                 "shards_reused")})
     print(f"[synthesize] {summary['images']} image(s) in {len(shards)} shard(s) ({len(missing)} generated"
-          + (f", {images / generated_s:.2f} images/s" if images else "") + f"); {len(skipped)} prompt(s) skipped "
+          + (f", {rate:.2f} images/s" if rate else "") + f"); {len(skipped)} prompt(s) skipped "
           f"{summary['skipped_by_reason'] or ''}, {truncated} truncated", flush=True)
 
 
@@ -221,9 +223,10 @@ class PromptSource:
 
 
 def is_prompt_only(url: str) -> bool:
-    """Whether a shard's first sample has a caption and no image (read up to the second sample only)."""
+    """Whether a shard's first sample has a caption and no image (read up to the second sample only).
+    A shard that cannot be read even that far is an error naming it."""
     members = set()
-    with _open(url) as f, tarfile.open(fileobj=f, mode="r|*") as tar:
+    with _reading(url, "train shard") as tar:
         first = None
         for info in tar:
             if not info.isfile():
@@ -240,17 +243,25 @@ def is_prompt_only(url: str) -> bool:
 def read_prompt_shard(url: str) -> list[Prompt]:
     """The `txt` of every sample of a prompt-only shard (other members ignored)."""
     prompts = []
+    with _reading(url, "prompt-only shard") as tar:
+        for info in tar:
+            key, _, ext = info.name.partition(".")
+            if info.isfile() and ext.lower() == "txt":
+                raw = tar.extractfile(info).read()
+                prompts.append(Prompt(key, raw.decode("utf-8", errors="replace").strip()))
+    return prompts
+
+
+@contextmanager
+def _reading(url: str, what: str):
+    """A streamed tar of a local path or URI; any read fault becomes a SynthesizeError naming the shard
+    (prompts are not skipped silently: the user fixes or removes the shard)."""
     try:
         with _open(url) as f, tarfile.open(fileobj=f, mode="r|*") as tar:
-            for info in tar:
-                key, _, ext = info.name.partition(".")
-                if info.isfile() and ext.lower() == "txt":
-                    raw = tar.extractfile(info).read()
-                    prompts.append(Prompt(key, raw.decode("utf-8", errors="replace").strip()))
-    except (tarfile.TarError, OSError) as e:
-        raise SynthesizeError(f"synthesize: prompt-only shard {url} cannot be read ({type(e).__name__}: {e}); "
-                              f"fix or remove it from data.train_shards") from e
-    return prompts
+            yield tar
+    except (tarfile.TarError, OSError, EOFError) as e:
+        raise SynthesizeError(f"synthesize: {what} {url} cannot be read ({type(e).__name__}: {e}); fix or remove "
+                              f"it from data.train_shards") from e
 
 
 def read_prompt_file(spec: str, column: str) -> list[Prompt]:
@@ -416,7 +427,7 @@ def generate_images(generator, prompts: list[str], seeds: list[int]):
 def generate_shards(missing: list[PlannedShard], spec, cfg: Config, gpus: float, sampler: dict, mlc,
                     run_id: str) -> tuple[float, int]:
     """Generate every sample of the missing shards; write each shard once all its samples are back.
-    Returns (seconds from the first to the last image, images)."""
+    Returns (seconds from the first batch back to the last, images generated in between)."""
     if not missing:
         return 0.0, 0
     import ray
@@ -430,11 +441,9 @@ def generate_shards(missing: list[PlannedShard], spec, cfg: Config, gpus: float,
                         num_cpus=cfg.num_cpus_per_actor, num_gpus=gpus, runtime_env=ACTOR_ENV)
     pending: dict[int, dict[int, bytes]] = {}
     done = images = 0
-    started, first_at, last_at = time.monotonic(), None, None
+    started, arrivals = time.monotonic(), []  # (time, images so far) per batch back
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
         now = time.monotonic()
-        first_at = first_at or now
-        last_at = now
         for shard, slot, png in zip(batch["shard"], batch["slot"], batch["png"]):
             pending.setdefault(int(shard), {})[int(slot)] = png
             images += 1
@@ -446,12 +455,12 @@ def generate_shards(missing: list[PlannedShard], spec, cfg: Config, gpus: float,
                   f"{rate:.2f} images/s)", flush=True)
             mlc.log_metric(run_id, "shards_written", done, step=images)
             mlc.log_metric(run_id, "images_per_s_running", rate, step=images)
+        arrivals.append((now, images))
     if pending:
         raise SynthesizeError(f"synthesize: {len(pending)} shard(s) did not get all their images back from Ray Data")
-    # the first batch's arrival includes actor start-up; the rate counts what came after it
-    first_batch = min(cfg.batch_size, images)
-    elapsed = (last_at - first_at) if images > first_batch else 0.0
-    return (elapsed, images - first_batch) if elapsed > 0 else (1e-9, 0)
+    # steady state: from the first batch back (actor start-up and model load before it) to the last
+    (t0, n0), (t1, n1) = arrivals[0], arrivals[-1]
+    return t1 - t0, n1 - n0
 
 
 def write_shard(shard: PlannedShard, pngs: dict[int, bytes], sampler: dict) -> None:

@@ -15,14 +15,13 @@ import uuid
 from pathlib import Path
 
 import mlflow
-import pyarrow.parquet as pq
 import pytest
 import torch
 
 from pipeline import tiny
 from pipeline.config import ConfigError, load_config
 from pipeline.context import StageContext
-from stages import cache, distill
+from stages import distill
 
 # Small everywhere: LoRA rank 4, batch 2, one fake update per step, metrics every step.
 FAST = ["swd.student.lora_rank=4", "swd.fake.lora_rank=4", "swd.student.lora_alpha=4", "swd.fake.lora_alpha=4",
@@ -40,28 +39,7 @@ CACHE_ROWS = 24
 
 def make_cache(root: Path, bundle_dir: Path, rows: int, scales: list[int]) -> Path:
     """A committed-looking cache output: real prompt embeddings of the bundle, random latents."""
-    from pipeline.teacher import load_bundle
-
-    loaded = load_bundle(bundle_dir)
-    prompts = [f"a {c} {s} in the top left on a black background"
-               for c, s in zip(["red", "green", "blue"] * rows, ["circle", "square"] * rows)][:rows]
-    with torch.no_grad():
-        prompt_embeds, pooled = loaded.encode_prompt(prompts)
-    g = torch.Generator().manual_seed(0)
-    tensors = {"prompt_embeds": prompt_embeds, "pooled_prompt_embeds": pooled}
-    for i, side in enumerate(scales):
-        prev = scales[max(i - 1, 0)]
-        tensors[f"z_{i}"] = torch.randn(rows, 4, side, side, generator=g)
-        tensors[f"z_im1_{i}"] = torch.randn(rows, 4, prev, prev, generator=g)
-    data = root / "data"
-    data.mkdir(parents=True)
-    table = cache.rows_table([f"k{i:04d}" for i in range(rows)], prompts, ["shard0"] * rows, tensors,
-                             cache.tensor_names(len(scales)))
-    pq.write_table(table, data / "part-0.parquet")
-    (root / cache.CACHE_FILE).write_text(json.dumps({
-        "scales": scales, "vae_scale_factor": 4, "shards": [{"dir": str(data), "rows": rows}],
-        "rejects_by_reason": {}}))
-    return root
+    return tiny.synthetic_cache(root, bundle_dir, rows, scales)
 
 
 @pytest.fixture(scope="module")

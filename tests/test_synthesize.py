@@ -249,3 +249,15 @@ def test_stage_is_in_the_graph_only_for_user_data():
     assert "synthesize" not in names(load_config())
     assert "synthesize" in names(load_config(overrides=["data.prompts=x.txt"]))
     assert "synthesize" in graph.default_stages()[[s.name for s in graph.default_stages()].index("cache")].inputs
+
+
+def test_an_unreadable_train_shard_is_an_error_naming_it(tmp_path):
+    bad = tmp_path / "train-000.tar"
+    bad.write_bytes(b"\x00not a tar at all" * 40)
+    with pytest.raises(synthesize.SynthesizeError, match=f"train shard {bad} cannot be read"):
+        synthesize.is_prompt_only(str(bad))
+    cut = prompt_shard(tmp_path / "cut.tar", WORDS)
+    cut.write_bytes(cut.read_bytes()[:700])  # inside the second member
+    with pytest.raises(synthesize.SynthesizeError, match="prompt-only shard .*cut.tar cannot be read"):
+        synthesize.read_prompt_shard(str(cut))
+    assert synthesize.is_prompt_only(str(prompt_shard(tmp_path / "ok.tar", WORDS[:1])))
