@@ -38,7 +38,7 @@ def bare_loop(bundle_dir: Path, cache_dir: Path, cfg, swd, steps: int, warmup: i
     """The stage's step (SWD.md section 4) in plain PyTorch: torch AdamW, clip_grad_norm_, no Ray, no DeepSpeed."""
     import pyarrow.parquet as pq
 
-    from pipeline.swd import (TextCond, build_networks, choose_scale_index, fake_loss, generator_loss,
+    from pipeline.swd import (TextCond, build_networks, choose_scale_index, fake_loss, frozen, generator_loss,
                               training_inputs, x0_hat)
     from pipeline.teacher import load_bundle
 
@@ -89,12 +89,13 @@ def bare_loop(bundle_dir: Path, cache_dir: Path, cfg, swd, steps: int, warmup: i
         g = generator(step, 100)
         inp, z, cond = inputs(next_batch(), i, g)
         x = x0_hat(nets.student, inp.x_in, inp.sigma, cond)
-        loss, _ = generator_loss(nets, x, z, cond, uncond, swd, generator=g)
-        if torch.isfinite(loss):
-            opt_s.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(nets.student_parameters(), cfg.grad_clip)
-            opt_s.step()
+        with frozen(nets.fake):  # through the backward and the step, as the distill stage does
+            loss, _ = generator_loss(nets, x, z, cond, uncond, swd, generator=g)
+            if torch.isfinite(loss):
+                opt_s.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(nets.student_parameters(), cfg.grad_clip)
+                opt_s.step()
 
     setup_s = time.monotonic() - started
     for step in range(1, warmup + 1):

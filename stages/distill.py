@@ -630,7 +630,7 @@ class Trainer:
         every rank first. Returns the loss terms and grad norms, and whether an update was skipped."""
         import torch
 
-        from pipeline.swd import Networks, choose_scale_index, fake_loss, generator_loss, x0_hat
+        from pipeline.swd import Networks, choose_scale_index, fake_loss, frozen, generator_loss, x0_hat
 
         s = self.swd.schedule
         i = choose_scale_index(step - 1, len(s.scales), self.swd.scale_index,
@@ -663,19 +663,22 @@ class Trainer:
         x = x0_hat(self.student, inp.x_in, inp.sigma, cond)
         networks = Networks(student=self.student.module, fake=None if self.fake is None else self.fake.module,
                             frozen_teacher=self.nets.frozen_teacher)
-        loss, terms = generator_loss(networks, x, z, cond, self.uncond, self.swd, generator=g)
-        if step in self.hooks.get("nan_at_steps", ()) and self.rank == 0:
-            loss = loss * math.nan                          # test hook: one rank's loss goes non-finite
-        if self._all_finite(loss):
-            self.student.backward(loss)
-            norm = self._grad_norm(self.student)
-            self.student.step()
-            norm = norm if norm is not None else self.student.get_global_grad_norm()
-            parts["grad_norm_student"] = math.nan if norm is None else float(norm)
-        else:
-            self.state["nonfinite_generator"] += 1
-            skipped = True
-            self.student.zero_grad()
+        # F stays frozen through the backward and the optimiser step: gradient checkpointing recomputes
+        # its forward inside the backward, and must see the same flags as the forward did.
+        with frozen(networks.fake):
+            loss, terms = generator_loss(networks, x, z, cond, self.uncond, self.swd, generator=g)
+            if step in self.hooks.get("nan_at_steps", ()) and self.rank == 0:
+                loss = loss * math.nan                      # test hook: one rank's loss goes non-finite
+            if self._all_finite(loss):
+                self.student.backward(loss)
+                norm = self._grad_norm(self.student)
+                self.student.step()
+                norm = norm if norm is not None else self.student.get_global_grad_norm()
+                parts["grad_norm_student"] = math.nan if norm is None else float(norm)
+            else:
+                self.state["nonfinite_generator"] += 1
+                skipped = True
+                self.student.zero_grad()
         parts.update({k: float(v) for k, v in terms.items()})
         return parts, skipped
 

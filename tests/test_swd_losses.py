@@ -11,7 +11,7 @@ from pipeline.swd.config import SwdConfig
 from pipeline.swd.inputs import area_downsample, choose_scale_index, grid_indices, scale_images, training_inputs
 from pipeline.swd.losses import (diffusion_loss, dmd_gradient, dmd_loss, fake_loss, gan_discriminator_loss,
                                  gan_generator_loss, generator_loss, mmd_linear, mmd_loss, mmd_rbf)
-from pipeline.swd.networks import build_networks
+from pipeline.swd.networks import build_networks, frozen
 from pipeline.swd.sampler import TextCond, x0_hat
 
 BATCH = 2
@@ -118,9 +118,10 @@ def test_scale_images_area_downsampling():
 # ----------------------------------------------------------------------------- step losses and gradient flow
 
 
-def _cfg(**loss):
+def _cfg(stop_at_feature_block: bool = False, **loss):
     return SwdConfig.model_validate({
         "preset": None, "scales": [4, 6, 8], "boundaries": [0, 7, 18], "feature_block": 1,
+        "stop_at_feature_block": stop_at_feature_block,
         "student": {"lora_rank": 2, "lora_alpha": 2}, "fake": {"lora_rank": 2, "lora_alpha": 2}, "loss": loss})
 
 
@@ -149,8 +150,9 @@ def test_generator_step_gradients_reach_only_the_student(batch, loss):
     cfg = _cfg(**loss)
     nets = build_networks(build_transformer("test", seed=0), cfg)
     x = _student_x(nets, cfg, z_im1, cond)
-    total, parts = generator_loss(nets, x, z_real, cond, uncond, cfg, torch.Generator().manual_seed(2))
-    total.backward()
+    with frozen(nets.fake):
+        total, parts = generator_loss(nets, x, z_real, cond, uncond, cfg, torch.Generator().manual_seed(2))
+        total.backward()
     w = cfg.loss
     if w.mode == "full":
         expected = w.dmd_weight * parts["dmd"] + w.gan_weight * parts["gan_g"] + w.mmd_weight * parts["mmd"]
@@ -201,3 +203,93 @@ def test_teacher_features_ignore_gradient_checkpointing(batch):
         total.backward()
         grads.append(x.grad)
     torch.testing.assert_close(grads[0], grads[1])
+
+
+def test_generator_loss_refuses_a_trainable_fake_network(batch):
+    cond, uncond, z_im1, z_real = batch
+    cfg = _cfg()
+    nets = build_networks(build_transformer("test", seed=0), cfg)
+    x = _student_x(nets, cfg, z_im1, cond)
+    with pytest.raises(RuntimeError, match=r"generator_loss: the fake network has trainable parameters .*"
+                                           r"inside `with frozen\(networks.fake\):`"):
+        generator_loss(nets, x, z_real, cond, uncond, cfg)
+
+
+# Every loss mode of the generator step: the MMD features from the teacher (paper) or F (released),
+# with and without the early exit after the feature block.
+LOSS_MODES = {
+    "full-teacher-features": dict(),
+    "full-teacher-features-early-exit": dict(stop_at_feature_block=True),
+    "full-fake-features": dict(mmd_features="fake"),
+    "full-fake-features-early-exit": dict(mmd_features="fake", stop_at_feature_block=True),
+    "mmd-only": dict(mode="mmd_only"),
+    "mmd-only-early-exit": dict(mode="mmd_only", stop_at_feature_block=True),
+}
+
+
+def _perturbed_networks(cfg, checkpointing: bool):
+    """Networks with non-zero LoRA B (student != teacher, F != teacher), checkpointed or not."""
+    torch.manual_seed(0)  # PEFT draws LoRA A from the global generator
+    nets = build_networks(build_transformer("test", seed=0), cfg)
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for module in (nets.student, nets.fake):
+            for n, p in (module.named_parameters() if module is not None else ()):
+                if "lora_B" in n:
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    if checkpointing:
+        nets.student.enable_gradient_checkpointing()
+        if nets.fake is not None:
+            nets.fake.transformer.enable_gradient_checkpointing()
+    return nets
+
+
+@pytest.mark.parametrize("mode", list(LOSS_MODES), ids=list(LOSS_MODES))
+def test_generator_step_with_gradient_checkpointing_equals_the_plain_step(batch, mode):
+    """Regression: with F frozen only inside the loss, the backward's recomputation saw F's LoRA trainable
+    again (CheckpointError). Frozen through backward and optimiser step, checkpointing changes nothing."""
+    cond, uncond, z_im1, z_real = batch
+    cfg = _cfg(**LOSS_MODES[mode])
+    results = []
+    for checkpointing in (False, True):
+        nets = _perturbed_networks(cfg, checkpointing)
+        assert nets.student.is_gradient_checkpointing == checkpointing
+        opt = torch.optim.AdamW(nets.student_parameters(), lr=1e-2)
+        x = _student_x(nets, cfg, z_im1, cond)
+        with frozen(nets.fake):
+            total, _ = generator_loss(nets, x, z_real, cond, uncond, cfg, torch.Generator().manual_seed(2))
+            total.backward()
+            grads = {n: g.clone() for n, g in _grads(nets.student).items()}
+            opt.step()
+        if nets.fake is not None:
+            assert _grads(nets.fake) == {}
+            assert all(p.requires_grad for n, p in nets.fake.named_parameters() if ".fake." in n)
+        after = {n: p.detach().clone() for n, p in nets.student.named_parameters() if p.requires_grad}
+        results.append((total.detach(), grads, after))
+    (loss0, grads0, after0), (loss1, grads1, after1) = results
+    torch.testing.assert_close(loss1, loss0)
+    assert grads0 and grads0.keys() == grads1.keys() and any(g.abs().sum() > 0 for g in grads0.values())
+    for n in grads0:
+        torch.testing.assert_close(grads1[n], grads0[n], rtol=1e-4, atol=1e-6, msg=n)
+    for n in after0:
+        torch.testing.assert_close(after1[n], after0[n], rtol=1e-4, atol=1e-6, msg=n)
+
+
+@pytest.mark.parametrize("fake_gan_weight", [0.01, 0.0], ids=["with-gan", "no-gan"])
+def test_fake_step_with_gradient_checkpointing_equals_the_plain_step(batch, fake_gan_weight):
+    cond, _, z_im1, z_real = batch
+    cfg = _cfg(fake_gan_weight=fake_gan_weight, stop_at_feature_block=True)
+    results = []
+    for checkpointing in (False, True):
+        nets = _perturbed_networks(cfg, checkpointing)
+        with torch.no_grad():
+            x = _student_x(nets, cfg, z_im1, cond)
+        total, _ = fake_loss(nets.fake, x, z_real, cond, cfg, torch.Generator().manual_seed(3))
+        total.backward()
+        results.append((total.detach(), {n: g.clone() for n, g in _grads(nets.fake).items()}))
+        assert _grads(nets.student) == {}
+    (loss0, grads0), (loss1, grads1) = results
+    torch.testing.assert_close(loss1, loss0)
+    assert grads0 and grads0.keys() == grads1.keys()
+    for n in grads0:
+        torch.testing.assert_close(grads1[n], grads0[n], rtol=1e-4, atol=1e-6, msg=n)

@@ -12,7 +12,10 @@ Per step (call networks; k drawn on the teacher's grid):
 - `fake_loss`: L_F = MSE(F's x0 at x_k, x) + fake_gan_weight * (softplus(D(fake)) + softplus(-D(real))).
   The student sample is detached: no gradient reaches the student.
 - `generator_loss`: L_G = dmd_weight L_DMD + gan_weight L_GAN + mmd_weight L_MMD (mmd_only: L_MMD only).
-  Teacher and fake parameters are frozen: gradients reach only x (and from it the student).
+  Teacher and fake parameters are frozen: gradients reach only x (and from it the student). The
+  caller freezes F (`frozen(networks.fake)`) around the loss, its backward and the optimiser step, as
+  the released code does: gradient checkpointing recomputes F's forward inside the backward, and a
+  recomputation that sees F's LoRA trainable again no longer matches the forward (CheckpointError).
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import torch.nn.functional as F
 
 from pipeline.swd.config import SwdConfig
 from pipeline.swd.inputs import grid_indices
-from pipeline.swd.networks import Networks, frozen, transformer_features
+from pipeline.swd.networks import Networks, transformer_features
 from pipeline.swd.sampler import TextCond, add_noise, guided_velocity
 
 # ----------------------------------------------------------------------------- per-term losses
@@ -145,7 +148,15 @@ def generator_loss(networks: Networks, x: torch.Tensor, z_real: torch.Tensor, co
     """Generator update (SWD.md section 4, loss 2) for the student's x0_hat `x` at scale i and the
     target latent `z_real` = z_i of the same size. `uncond`: the "" prompt, batch 1 or B.
     Gradients flow only into `x`: the teacher runs without grad (DMD) or with frozen weights
-    (MMD features), the fake network with its parameters frozen."""
+    (MMD features), the fake network with its parameters frozen by the caller, from before this call
+    until after the optimiser step: `with frozen(networks.fake): loss = generator_loss(...);
+    loss.backward(); optimizer.step()`."""
+    trainable = [n for n, p in (networks.fake.named_parameters() if networks.fake is not None else ()) if p.requires_grad]
+    if trainable:
+        raise RuntimeError(f"generator_loss: the fake network has trainable parameters ({len(trainable)}, e.g. "
+                           f"{trainable[0]}); call it inside `with frozen(networks.fake):` and keep that block open "
+                           "through the backward and the optimiser step (gradient checkpointing recomputes F's "
+                           "forward during the backward)")
     loss_cfg = cfg.loss
     grid = torch.tensor(cfg.schedule.grid, dtype=torch.float32)
     x = x.float()
@@ -161,7 +172,7 @@ def generator_loss(networks: Networks, x: torch.Tensor, z_real: torch.Tensor, co
         with torch.no_grad(), networks.teacher() as teacher:
             x0_real = x_k.detach() - s * guided_velocity(teacher, x_k.detach(), sigma, cond, uncond,
                                                           loss_cfg.guidance_scale)
-        with frozen(networks.fake), torch.set_grad_enabled(torch.is_grad_enabled() and loss_cfg.gan_weight > 0):
+        with torch.set_grad_enabled(torch.is_grad_enabled() and loss_cfg.gan_weight > 0):
             out = networks.fake(x_k, sigma, cond)          # one pass: velocity for DMD, logits for the GAN
             x0_fake = x_k.detach() - s * out.velocity.detach()  # no CFG for the fake score
             logits = out.logits
@@ -187,10 +198,9 @@ def generator_loss(networks: Networks, x: torch.Tensor, z_real: torch.Tensor, co
                     f_real = transformer_features(teacher, z_n, sigma, cond, cfg.feature_block,
                                                   cfg.stop_at_feature_block)[1]
         else:
-            with frozen(networks.fake):
-                f_fake = networks.fake(x_n, sigma, cond, features_only=True).features
-                with torch.no_grad():
-                    f_real = networks.fake(z_n, sigma, cond, features_only=True).features
+            f_fake = networks.fake(x_n, sigma, cond, features_only=True).features
+            with torch.no_grad():
+                f_real = networks.fake(z_n, sigma, cond, features_only=True).features
         l_mmd = mmd_loss(f_real, f_fake, loss_cfg.mmd_kernel, loss_cfg.mmd_pooling, loss_cfg.huber_c,
                          loss_cfg.rbf_bandwidth)
         parts["mmd"] = l_mmd
