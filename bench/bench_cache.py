@@ -82,7 +82,7 @@ def main(argv=None) -> int:
                        num_encoders=args.num_encoders, max_bad_fraction=0.0, log_every_s=600)
     teacher = teacher_stage.Config(pretrained=str(bundle), dtype=args.dtype)
     spec = cache.EncoderSpec(location=str(bundle), dtype=args.dtype, device="cuda" if gpus else "cpu",
-                             load_t5=True, local_files_only=True, posterior="mode", seed=0,
+                             load_t5="auto", local_files_only=True, posterior="mode", seed=0,
                              storage_dtype=args.dtype, scales=list(swd.schedule.scales),
                              vae_scale_factor=cache.vae_scale_factor(bundle))
     print(f"[bench] {ray.cluster_resources().get('CPU')} CPU(s), {gpus:.0f} GPU(s); scales {spec.scales} "

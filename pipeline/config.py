@@ -127,6 +127,43 @@ with warnings.catch_warnings():  # `register` is also ABCMeta.register; the fiel
         schedule: ScheduleConfig = ScheduleConfig()
 
 
+# ----------------------------------------------------------------------------- miniature overlays
+
+# A config file named `miniature.yaml` (cluster/profiles/miniature.yaml) shrinks a cluster profile to a
+# laptop / CI run of the same settings. It may set only these size and hardware keys (a trailing `*`
+# covers a whole section), so the miniature cannot drift from the profile it stands for: ZeRO stage,
+# gradient checkpointing, early exit, MMD features, loss weights and ranges, fake updates per step,
+# LoRA targets and rank, CFG and the number of scales all stay the profile's.
+MINIATURE_FILE_NAME = "miniature.yaml"
+MINIATURE_KEYS = (
+    "workdir", "ray.*", "data.*",
+    # the SD3.5-structured miniature teacher and where it runs
+    "teacher.pretrained", "teacher.device",
+    # the same schedule on the miniature's 8x smaller latents; the feature block at the same relative depth
+    "swd.latent_side_divisor", "swd.feature_block",
+    "cache.num_encoders", "cache.batch_size", "cache.num_cpus_per_encoder", "cache.num_gpus_per_encoder",
+    "cache.num_cpus_per_decoder", "cache.decode_batch_size", "cache.log_every_s",
+    "distill.num_steps", "distill.num_workers", "distill.batch_size_per_worker", "distill.use_gpu",
+    "distill.num_cpus_per_worker", "distill.num_gpus_per_worker", "distill.precision", "distill.storage_path",
+    "distill.checkpoint_every", "distill.log_every", "distill.sample_every", "distill.sample_num_prompts",
+    "distill.shuffle_buffer_rows",
+    "evaluate.num_actors", "evaluate.num_cpus_per_actor", "evaluate.num_gpus_per_actor", "evaluate.batch_size",
+    "evaluate.max_prompts", "evaluate.score_batch_size", "evaluate.latency_warmup_batches",
+    "evaluate.latency_repeats", "evaluate.grid_prompts",
+    "register.device",
+)
+
+
+def miniature_problems(layer: dict, path: Path) -> list[str]:
+    """Every key of a miniature overlay outside MINIATURE_KEYS, one line each."""
+    def allowed(key: str) -> bool:
+        return any(key == k or (k.endswith(".*") and key.startswith(k[:-1])) for k in MINIATURE_KEYS)
+
+    return [f"{key}: a miniature overlay ({path}) may set only size and hardware keys, and {key} is not one; "
+            f"remove it from {path.name} (valid: {', '.join(MINIATURE_KEYS)})"
+            for key in flatten(layer) if not allowed(key)]
+
+
 # ----------------------------------------------------------------------------- loading
 
 
@@ -141,6 +178,8 @@ def load_config(config_files: list[str | Path] = (), overrides: list[str] = (),
         except ConfigError as e:
             problems += e.problems
             continue
+        if Path(path).name == MINIATURE_FILE_NAME:
+            problems += miniature_problems(layer, Path(path))
         merged = _deep_merge(merged, layer)
     for item in overrides:
         try:

@@ -174,7 +174,7 @@ def check_environment(cfg: PipelineConfig) -> None:
 def teacher_problems(cfg: PipelineConfig) -> list[str]:
     """The teacher exists, and the SwD schedule fits it (patch size, latent side, blocks)."""
     from pipeline.swd.config import check_against_teacher
-    from pipeline.teacher import TeacherError, resolve_pretrained
+    from pipeline.teacher import TeacherError, resolve_pretrained, text_settings
 
     t = cfg.teacher
     if t.pretrained is None:  # the embedded tiny teacher, trained by the teacher stage (VAE factor 4)
@@ -186,11 +186,17 @@ def teacher_problems(cfg: PipelineConfig) -> list[str]:
         except TeacherError as e:
             return [str(e)]
         shape = json.loads((directory / "transformer" / "config.json").read_text())
+    problems = []
+    if t.pretrained is not None:
+        try:  # T5 asked for and present, its length within the tokenizer's limit
+            text_settings(directory, t.load_t5, t.max_sequence_length)
+        except TeacherError as e:
+            problems.append(str(e))
     try:
         check_against_teacher(cfg.swd, shape["patch_size"], shape["sample_size"], shape["num_layers"])
     except ValueError as e:
-        return [f"{line} (teacher: {t.pretrained or 'embedded tiny teacher'})" for line in str(e).splitlines()]
-    return []
+        problems += [f"{line} (teacher: {t.pretrained or 'embedded tiny teacher'})" for line in str(e).splitlines()]
+    return problems
 
 
 def init_ray(cfg: PipelineConfig) -> None:

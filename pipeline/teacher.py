@@ -189,18 +189,48 @@ def check_sd3_directory(directory: Path, spec: str | None = None) -> dict:
     return index
 
 
+def text_settings(directory: str | Path, load_t5: bool | str = "auto", max_sequence_length: int | None = None) -> dict:
+    """What the prompt embeddings of this teacher are made of, from its files alone (no model load):
+    {"t5": the T5 encoder is loaded, "max_sequence_length": T5 tokens per prompt}. `load_t5` true
+    requires a T5 encoder; `max_sequence_length` null is the T5 tokenizer's model_max_length (the
+    released recipe), for a teacher without T5 its `swd_teacher.json` value, else 256. TeacherError
+    naming the `teacher.` key otherwise."""
+    directory = Path(directory)
+    has_t5 = (directory / "text_encoder_3").is_dir() and (directory / "tokenizer_3").is_dir()
+    if load_t5 is True and not has_t5:
+        raise TeacherError(f"teacher.load_t5: true asks for SD3's T5 encoder, but {directory} has no "
+                           f"text_encoder_3/ and tokenizer_3/; give a teacher with T5, or set teacher.load_t5=auto "
+                           f"(T5 when present) or false (zero T5 embeddings)")
+    limit = None
+    if has_t5:
+        config_file = directory / "tokenizer_3" / "tokenizer_config.json"
+        limit = json.loads(config_file.read_text()).get("model_max_length") if config_file.is_file() else None
+        limit = int(limit) if isinstance(limit, (int, float)) and limit < 1e9 else None
+    if max_sequence_length is None:
+        info_file = directory / BUNDLE_INFO_FILE
+        info = json.loads(info_file.read_text()) if info_file.is_file() else {}
+        max_sequence_length = limit if has_t5 and limit is not None else \
+            int(info.get("max_sequence_length", DEFAULT_MAX_SEQUENCE_LENGTH))
+    elif has_t5 and limit is not None and max_sequence_length > limit:
+        raise TeacherError(f"teacher.max_sequence_length: {max_sequence_length} is over the T5 tokenizer's limit of "
+                           f"{limit} tokens ({directory / 'tokenizer_3'}); valid: 0..{limit}, or null for {limit}")
+    return {"t5": bool(has_t5 and load_t5 is not False), "max_sequence_length": int(max_sequence_length)}
+
+
 def load_bundle(location: str | Path, dtype: str = "float32", device: str = "cpu", local_files_only: bool = True,
-                load_t5: bool = True) -> TeacherBundle:
-    """Load an SD3-family teacher (local directory or hub id) in `dtype` on `device`, eval mode, frozen."""
+                load_t5: bool | str = "auto", max_sequence_length: int | None = None) -> TeacherBundle:
+    """Load an SD3-family teacher (local directory or hub id) in `dtype` on `device`, eval mode, frozen.
+    `load_t5` and `max_sequence_length` as in `text_settings`."""
     torch_dtype, torch_device = check_dtype_device(dtype, device)
     directory = resolve_pretrained(str(location), local_files_only)
     index = check_sd3_directory(directory, str(location))
+    text = text_settings(directory, load_t5, max_sequence_length)
     from diffusers import StableDiffusion3Pipeline
 
     # Empty slots (the tiny bundle's T5, the optional IP-adapter parts) must be passed as None.
     empty = [k for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and v[0] is None]
     extra = {k: None for k in empty}
-    if not load_t5:
+    if not text["t5"]:
         extra.update(text_encoder_3=None, tokenizer_3=None)
     try:
         pipe = StableDiffusion3Pipeline.from_pretrained(directory, dtype=torch_dtype, use_safetensors=True,
@@ -219,7 +249,7 @@ def load_bundle(location: str | Path, dtype: str = "float32", device: str = "cpu
         transformer=pipe.transformer, vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer,
         text_encoder_2=pipe.text_encoder_2, tokenizer_2=pipe.tokenizer_2, text_encoder_3=pipe.text_encoder_3,
         tokenizer_3=pipe.tokenizer_3, scheduler=pipe.scheduler, pipeline=pipe, location=str(directory),
-        max_sequence_length=int(info.get("max_sequence_length", DEFAULT_MAX_SEQUENCE_LENGTH)), info=info,
+        max_sequence_length=text["max_sequence_length"], info=info,
     )
 
 

@@ -177,7 +177,7 @@ def synthetic_cache(root: str | Path, bundle_dir: str | Path, rows: int, scales:
     import torch
 
     from pipeline.shapes import COLOURS_RGB, SHAPES
-    from pipeline.teacher import load_bundle
+    from pipeline.teacher import load_bundle, text_settings
     from stages import cache
 
     root = Path(root)
@@ -197,7 +197,8 @@ def synthetic_cache(root: str | Path, bundle_dir: str | Path, rows: int, scales:
     table = cache.rows_table([f"k{i:05d}" for i in range(rows)], prompts, ["shard0"] * rows, tensors,
                              cache.tensor_names(len(scales)))
     pq.write_table(table, data / "part-0.parquet")
+    text = {**text_settings(bundle_dir), "encoder_digest": cache.encoder_digest(bundle_dir)}
     (root / cache.CACHE_FILE).write_text(json.dumps({
-        "scales": list(scales), "vae_scale_factor": PIXEL_SIDE // 16, "rejects_by_reason": {},
+        "scales": list(scales), "vae_scale_factor": PIXEL_SIDE // 16, "rejects_by_reason": {}, "text": text,
         "shards": [{"dir": str(data), "rows": rows}]}))
     return root

@@ -124,7 +124,7 @@ def run(ctx: StageContext) -> None:
     import ray
 
     from pipeline.data import shard_urls
-    from pipeline.teacher import bundle_location, resolve_pretrained
+    from pipeline.teacher import bundle_location, resolve_pretrained, text_settings
 
     cfg: Config = ctx.config
     teacher = ctx.sections["teacher"]
@@ -133,6 +133,7 @@ def run(ctx: StageContext) -> None:
 
     location = bundle_location(ctx.inputs["teacher"])
     directory = resolve_pretrained(location, teacher.local_files_only)
+    text = text_settings(directory, teacher.load_t5, teacher.max_sequence_length)
     gpus = cfg.num_gpus_per_encoder
     if gpus is None:
         gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
@@ -141,7 +142,8 @@ def run(ctx: StageContext) -> None:
                          "cluster, or cache.num_gpus_per_encoder=0), where float16 is not supported; use "
                          "float32 or bfloat16, or give the encoders GPUs")
     spec = EncoderSpec(location=str(directory), dtype=teacher.dtype, device="cuda" if gpus > 0 else "cpu",
-                       load_t5=teacher.load_t5, local_files_only=teacher.local_files_only,
+                       load_t5=teacher.load_t5, max_sequence_length=text["max_sequence_length"],
+                       local_files_only=teacher.local_files_only,
                        posterior=cfg.posterior, seed=cfg.seed, storage_dtype=cfg.storage_dtype or teacher.dtype,
                        scales=scales, vae_scale_factor=vae_scale_factor(directory))
     identity = encoder_identity(directory, spec)
@@ -184,6 +186,8 @@ def run(ctx: StageContext) -> None:
         "encoder": identity,
         "scales": scales,
         "vae_scale_factor": spec.vae_scale_factor,
+        # what the prompt embeddings are made of: distill refuses a cache whose text differs from its teacher's
+        "text": {**text, "encoder_digest": identity["digest"]},
         "pixel_sides": [s * spec.vae_scale_factor for s in scales],
         "columns": tensor_names(len(scales)),
         "tensor_columns": "<name> (bytes, little-endian), <name>_shape (list<int32>), <name>_dtype (string)",
@@ -262,13 +266,14 @@ class EncoderSpec:
     location: str
     dtype: str
     device: str
-    load_t5: bool
+    load_t5: bool | str
     local_files_only: bool
     posterior: str
     seed: int
     storage_dtype: str
     scales: list[int]
     vae_scale_factor: int
+    max_sequence_length: int | None = None  # T5 tokens (pipeline.teacher.text_settings; None: the teacher's)
 
     @property
     def pixel_sides(self) -> list[int]:
@@ -293,15 +298,20 @@ def vae_scale_factor(directory: str | Path) -> int:
     return 2 ** (len(config["block_out_channels"]) - 1)
 
 
-def encoder_identity(directory: str | Path, spec: EncoderSpec) -> dict:
-    """Bundle location and a digest of every file the encoders read (the transformer is not one of
-    them), plus the settings that change their output."""
+def encoder_digest(directory: str | Path) -> str:
+    """A digest of every file the encoders read: VAE, text encoders, tokenizers (not the transformer)."""
     from pipeline.teacher import directory_digest
 
     files = [f for f in directory_digest(Path(directory)) if f[0].startswith(ENCODER_PARTS)]
-    return {"location": str(directory),
-            "digest": hashlib.sha256(json.dumps(files).encode()).hexdigest()[:16],
-            "dtype": spec.dtype, "load_t5": spec.load_t5, "posterior": spec.posterior,
+    return hashlib.sha256(json.dumps(files).encode()).hexdigest()[:16]
+
+
+def encoder_identity(directory: str | Path, spec: EncoderSpec) -> dict:
+    """Bundle location and a digest of every file the encoders read (the transformer is not one of
+    them), plus the settings that change their output."""
+    return {"location": str(directory), "digest": encoder_digest(directory),
+            "dtype": spec.dtype, "load_t5": spec.load_t5, "max_sequence_length": spec.max_sequence_length,
+            "posterior": spec.posterior,
             "seed": spec.seed if spec.posterior == "sample" else None, "storage_dtype": spec.storage_dtype}
 
 
@@ -833,7 +843,8 @@ class TeacherEncoder:
         from pipeline.teacher import load_bundle
 
         self.spec, self.tally = spec, tally
-        self.bundle = load_bundle(spec.location, spec.dtype, spec.device, spec.local_files_only, spec.load_t5)
+        self.bundle = load_bundle(spec.location, spec.dtype, spec.device, spec.local_files_only, spec.load_t5,
+                                  spec.max_sequence_length)
         self.storage = getattr(torch, spec.storage_dtype)
 
     def __call__(self, batch: dict):

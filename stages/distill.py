@@ -234,6 +234,7 @@ def run(ctx: StageContext) -> None:
     columns = cache_columns(schedule.scales, manifest["scales"])
     directory = resolve_pretrained(bundle_location(ctx.inputs["teacher"]), teacher.local_files_only)
     check_teacher(swd, directory)
+    text = check_cache_text(manifest, directory, teacher)
     problems = init_student_problems(cfg.init_student, swd.student)
     if problems:
         raise ValueError("\n".join(problems))
@@ -244,7 +245,7 @@ def run(ctx: StageContext) -> None:
 
     spec = LoopSpec(
         distill=cfg.model_dump(mode="json"), swd=swd.model_dump(mode="json"), location=str(directory),
-        load_t5=teacher.load_t5, columns=columns,
+        load_t5=teacher.load_t5, max_sequence_length=text["max_sequence_length"], columns=columns,
         sample_prompts=sample_prompts(ctx.inputs["cache"], cfg.sample_num_prompts),
         tracking_uri=ctx.tracking_uri, run_id=ctx.run_id, vae_scale_factor=manifest.get("vae_scale_factor", 8),
         hooks=hooks, init_student=init_adapter,
@@ -342,6 +343,7 @@ class LoopSpec:
     vae_scale_factor: int
     hooks: dict
     init_student: str | None = None     # warm start: the adapter file (on every worker's file system)
+    max_sequence_length: int | None = None  # T5 tokens of the cache's prompt embeddings (the "" prompt's too)
 
 
 def cache_columns(scales: list[int], cache_scales: list[int]) -> list[tuple[str, str]]:
@@ -361,6 +363,30 @@ def cache_columns(scales: list[int], cache_scales: list[int]) -> list[tuple[str,
                          f"{list(scales)} need ({'; '.join(missing)}); re-run the cache stage with this swd schedule "
                          f"(or choose scales the cache holds)")
     return out
+
+
+def check_cache_text(manifest: dict, directory: Path, teacher) -> dict:
+    """The cache's prompt embeddings were made as this teacher config makes them: the same text encoders
+    (files), T5 loaded or not, the same T5 length. The "" prompt the workers encode for CFG must match
+    them. Returns the text settings; ValueError naming the key otherwise."""
+    from pipeline.teacher import text_settings
+    from stages.cache import encoder_digest
+
+    expected = {**text_settings(directory, teacher.load_t5, teacher.max_sequence_length),
+                "encoder_digest": encoder_digest(directory)}
+    cached = manifest.get("text")
+    if cached is None:
+        raise ValueError("distill: the latent cache records no text settings (made by an older version of the "
+                         "cache stage); re-run the cache stage")
+    keys = {"t5": "teacher.load_t5", "max_sequence_length": "teacher.max_sequence_length",
+            "encoder_digest": "teacher.pretrained (its text encoder / tokenizer / VAE files)"}
+    differ = [f"{keys[k]}: the cache has {cached.get(k)!r}, this config's teacher gives {expected[k]!r}"
+              for k in keys if cached.get(k) != expected[k]]
+    if differ:
+        raise ValueError("distill: the latent cache's prompt embeddings were made with other text settings than "
+                         "the distill stage expects: " + "; ".join(differ) + "; re-run the cache stage with this "
+                         "teacher config, or set the teacher keys to the cache's")
+    return expected
 
 
 def check_data_cpus(cfg: Config) -> None:
@@ -482,7 +508,8 @@ class Trainer:
         # bf16 engines hold bf16 weights (fp32 master copies of the trained ones in the optimiser):
         # load the teacher in bf16 then, so a large teacher and its fake copy fit before partitioning.
         dtype = "bfloat16" if self.bf16 else "float32"
-        bundle = load_bundle(self.spec.location, dtype, str(self.device), True, self.spec.load_t5)
+        bundle = load_bundle(self.spec.location, dtype, str(self.device), True, self.spec.load_t5,
+                             self.spec.max_sequence_length)
         with torch.no_grad():
             self.uncond = TextCond(*(t.float() for t in bundle.encode_prompt([""])))
         p = self.spec.sample_prompts

@@ -164,7 +164,7 @@ def run(ctx: StageContext) -> None:
                             "float32 or bfloat16, or give the actors GPUs")
     location = str(resolve_pretrained(bundle_location(ctx.inputs["teacher"]), teacher_cfg.local_files_only))
     common = dict(location=location, dtype=teacher_cfg.dtype, device=device, load_t5=teacher_cfg.load_t5,
-                  local_files_only=teacher_cfg.local_files_only, num_threads=max(1, int(cfg.num_cpus_per_actor)))
+                  max_sequence_length=teacher_cfg.max_sequence_length, local_files_only=teacher_cfg.local_files_only, num_threads=max(1, int(cfg.num_cpus_per_actor)))
     student_schedule = read_schedule(ctx.inputs["distill"])
     specs = {"student": GeneratorSpec(name="student", student_dir=str(ctx.inputs["distill"]), **common),
              "teacher": GeneratorSpec(name="teacher", teacher_num_steps=cfg.teacher_num_steps,
@@ -443,8 +443,9 @@ class GeneratorSpec:
     location: str
     dtype: str
     device: str
-    load_t5: bool
+    load_t5: bool | str
     local_files_only: bool
+    max_sequence_length: int | None = None  # teacher.max_sequence_length (null: the teacher's own)
     num_threads: int | None = 1  # torch threads on the CPU (None: leave torch's setting)
     student_dir: str | None = None  # a distill output: scale-wise student; None: the teacher
     teacher_num_steps: int = 28
@@ -465,7 +466,8 @@ class Generator:
         if spec.device == "cpu" and spec.num_threads:
             torch.set_num_threads(spec.num_threads)
         self.spec = spec
-        self.bundle = bundle or load_bundle(spec.location, spec.dtype, spec.device, spec.local_files_only, spec.load_t5)
+        self.bundle = bundle or load_bundle(spec.location, spec.dtype, spec.device, spec.local_files_only, spec.load_t5,
+                                              spec.max_sequence_length)
         # channels-last convolutions: the VAE decode is ~1.3x faster on the CPU (measured), and it is a
         # fixed cost of every generator
         self.bundle.vae.to(memory_format=torch.channels_last)
@@ -544,7 +546,8 @@ class GenerateActor:
 
         self.specs = {s.name: s for s in specs}
         first = specs[0]
-        self.bundle = load_bundle(first.location, first.dtype, first.device, first.local_files_only, first.load_t5)
+        self.bundle = load_bundle(first.location, first.dtype, first.device, first.local_files_only, first.load_t5,
+                         first.max_sequence_length)
         self.generators: dict[str, Generator] = {}
 
     def generator(self, name: str) -> Generator:
@@ -643,7 +646,8 @@ def _latency_task(specs: list[GeneratorSpec], prompts: list[str], num_warmup: in
     out = {}
     n = len(prompts)
     first = specs[0]
-    bundle = load_bundle(first.location, first.dtype, first.device, first.local_files_only, first.load_t5)
+    bundle = load_bundle(first.location, first.dtype, first.device, first.local_files_only, first.load_t5,
+                         first.max_sequence_length)
     for spec in specs:
         gen = Generator(spec, bundle)
         full = time_batches(lambda: gen(prompts, 0), num_warmup, num_repeats, gen.sync)

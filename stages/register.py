@@ -257,6 +257,7 @@ def save_student_model(model_dir: Path, distill_dir: Path, teacher_dir: Path, te
     artifacts = {"export": str(export)}
     location = bundle_location(teacher_dir)
     model_config = {"dtype": teacher_cfg.dtype, "device": cfg.device, "load_t5": teacher_cfg.load_t5,
+                    "max_sequence_length": teacher_cfg.max_sequence_length,
                     "local_files_only": teacher_cfg.local_files_only}
     if cfg.copy_teacher and Path(location).is_dir():
         artifacts["teacher"] = location
@@ -307,7 +308,8 @@ def student_model():
                 config = context.model_config or {}
                 location = context.artifacts.get("teacher") or config["teacher_location"]
                 spec = GeneratorSpec(name="student", location=location, dtype=config.get("dtype", "float32"),
-                                     device=config.get("device", "cpu"), load_t5=config.get("load_t5", True),
+                                     device=config.get("device", "cpu"), load_t5=config.get("load_t5", "auto"),
+                                     max_sequence_length=config.get("max_sequence_length"),
                                      local_files_only=config.get("local_files_only", True), num_threads=None,
                                      student_dir=context.artifacts["export"])
                 self.generator = Generator(spec)

@@ -159,7 +159,8 @@ def run(ctx: StageContext) -> None:
         from stages.evaluate import GeneratorSpec
 
         spec = GeneratorSpec(name="teacher", location=str(directory), dtype=teacher.dtype, device=device,
-                             load_t5=teacher.load_t5, local_files_only=teacher.local_files_only,
+                             load_t5=teacher.load_t5, max_sequence_length=teacher.max_sequence_length,
+                             local_files_only=teacher.local_files_only,
                              num_threads=max(1, int(cfg.num_cpus_per_actor)), teacher_num_steps=cfg.num_steps,
                              guidance_scale=cfg.guidance_scale, latent_side=side_px // native["vae_scale_factor"])
     generated_s, images = generate_shards(missing, spec, cfg, gpus, sampler, mlc, ctx.run_id)

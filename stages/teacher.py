@@ -60,7 +60,13 @@ class Config(BaseModel):
     # are relative to the repository root) or a hub id. null: train the embedded tiny teacher.
     pretrained: str | None = None
     local_files_only: bool = True  # never reach the hub when loading a hub id
-    load_t5: bool = True  # false: leave SD3's T5 slot empty (zero T5 embeddings), saves memory
+    # SD3's T5 encoder: true requires one (a teacher without text_encoder_3/ is an error), auto loads it
+    # when the teacher has one, false leaves the slot empty (zero T5 embeddings; saves memory).
+    load_t5: bool | Literal["auto"] = "auto"
+    # T5 tokens of every prompt embedding; null: the T5 tokenizer's model_max_length (the released
+    # recipe pads to it), or, for a teacher without T5, the bundle's own value (tiny: 0), else 256.
+    # The cache records it; distill refuses a cache made with another.
+    max_sequence_length: int | None = Field(None, ge=0)
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     device: str = "cpu"  # cpu | cuda | cuda:N, for the stages that load the teacher
 

@@ -270,7 +270,7 @@ def test_adding_a_shard_encodes_only_that_shard(first_run, pipeline_root, bundle
 def test_shard_key_changes_with_what_changes_the_bytes(bundle, tmp_path):
     directory = tmp_path / "copy"
     shutil.copytree(bundle, directory)
-    spec = cache.EncoderSpec(location=str(directory), dtype="float32", device="cpu", load_t5=True,
+    spec = cache.EncoderSpec(location=str(directory), dtype="float32", device="cpu", load_t5="auto",
                              local_files_only=True, posterior="mode", seed=0, storage_dtype="float32",
                              scales=[8, 10, 12, 16], vae_scale_factor=4)
     shard = cache.Shard("/data/train-000.tar", 1000, 5)
@@ -443,7 +443,7 @@ def test_tensor_bytes_round_trip(dtype):
 
 def test_posterior_sample_is_seeded_per_key_not_per_batch(bundle):
     scales = SwdConfig().schedule.scales
-    spec = cache.EncoderSpec(location=str(bundle), dtype="float32", device="cpu", load_t5=True, local_files_only=True,
+    spec = cache.EncoderSpec(location=str(bundle), dtype="float32", device="cpu", load_t5="auto", local_files_only=True,
                              posterior="sample", seed=0, storage_dtype="float32", scales=scales, vae_scale_factor=4)
     sampler = cache.TeacherEncoder(spec)
     pixels = [scale_images(cache.image_tensor(_png(seed)), scales, 3, 4)[0] for seed in range(3)]
@@ -471,7 +471,7 @@ def test_bfloat16_teacher_carries_pixels_as_bits_and_matches_float32(bundle, tmp
     scales = SwdConfig().schedule.scales
     out = {}
     for dtype in ("float32", "bfloat16"):
-        spec = cache.EncoderSpec(location=str(bundle), dtype=dtype, device="cpu", load_t5=True, local_files_only=True,
+        spec = cache.EncoderSpec(location=str(bundle), dtype=dtype, device="cpu", load_t5="auto", local_files_only=True,
                                  posterior="mode", seed=0, storage_dtype=dtype, scales=scales, vae_scale_factor=4)
         decoded = cache.decode_images(table, spec)
         assert decoded["pixels_3"].dtype == (np.int16 if dtype == "bfloat16" else np.float32)

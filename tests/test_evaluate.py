@@ -154,7 +154,7 @@ def test_generation_depends_on_prompts_and_seeds_only(inputs, ray_local):
     chunks = evaluate.make_chunks(prompts, 2, seed=7)
     assert [c["index"] for c in chunks] == [[0, 1], [2, 3], [4]]
     spec = evaluate.GeneratorSpec(name="student", location=bundle_location(inputs["teacher"]), dtype="float32",
-                                  device="cpu", load_t5=True, local_files_only=True, student_dir=str(inputs["distill"]))
+                                  device="cpu", load_t5="auto", local_files_only=True, student_dir=str(inputs["distill"]))
     cfg = evaluate.Config(num_actors=2, num_cpus_per_actor=1)
     teacher = evaluate.GeneratorSpec(**{**spec.__dict__, "name": "teacher", "student_dir": None,
                                         "teacher_num_steps": 3, "guidance_scale": 2.0, "latent_side": 16})

@@ -90,7 +90,7 @@ def test_promotion_first_better_worse_and_the_pyfunc_model(tmp_path, mlflow_serv
     assert model.predict(pd.DataFrame({"prompt": PROMPTS[:1]})).shape == (1, 64, 64, 3)  # seed defaults to 0
     direct = evaluate.Generator(evaluate.GeneratorSpec(
         name="student", location=json.loads((inputs["teacher"] / "teacher.json").read_text())["location"],
-        dtype="float32", device="cpu", load_t5=True, local_files_only=True, num_threads=None,
+        dtype="float32", device="cpu", load_t5="auto", local_files_only=True, num_threads=None,
         student_dir=str(inputs["distill"])))
     np.testing.assert_array_equal(images, direct(PROMPTS, 3))
     meta = model.metadata.metadata["swd"]

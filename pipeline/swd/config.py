@@ -9,6 +9,7 @@ Checks that need the teacher (patch size, latent side, number of blocks) are in
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -36,10 +37,20 @@ class GridConfig(_Section):
     shift: float = Field(3.0, gt=0)
 
 
+# The released training code's LoRA targets: attention q/k/v/out of both attention layers and the
+# MLPs of both streams, without the text stream's add_*_proj / to_add_out.
+RELEASED_TARGET_MODULES = [
+    "to_q", "to_k", "to_v", "to_out.0",
+    "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2",
+]
+
+
 class StudentConfig(_Section):
     """Student G = teacher + LoRA (B = 0 at start, so G == T), or a full fine-tune."""
     lora_rank: int = Field(64, ge=1)
     lora_alpha: float = Field(64.0, gt=0)
+    # How PEFT draws LoRA A (B is zero either way): kaiming (PEFT's default) or gaussian (N(0, 1/r), released).
+    lora_init: Literal["kaiming", "gaussian"] = "kaiming"
     target_modules: list[str] = Field(default_factory=lambda: list(DEFAULT_TARGET_MODULES), min_length=1)
     full_finetune: bool = False  # train every weight; the teacher becomes a frozen copy (2x memory)
 
@@ -48,6 +59,7 @@ class FakeConfig(_Section):
     """Fake score network F = copy of the teacher + its own LoRA + GAN head D."""
     lora_rank: int = Field(64, ge=1)
     lora_alpha: float = Field(64.0, gt=0)
+    lora_init: Literal["kaiming", "gaussian"] = "kaiming"  # as StudentConfig.lora_init
     target_modules: list[str] = Field(default_factory=lambda: list(DEFAULT_TARGET_MODULES), min_length=1)
     gan_head_num_layers: int = Field(4, ge=1)  # LayerNorm, GELU, Linear; widths narrow linearly to one logit
 
@@ -96,6 +108,9 @@ class SwdConfig(_Section):
     sigmas: list[float] | None = None    # len(scales) + 1, strictly decreasing from 1.0 to 0.0
     boundaries: list[int] | None = None  # or: one grid index per step (final sigma 0 implied)
     grid: GridConfig = GridConfig()
+    # Every latent side of the schedule is divided by this (each must divide exactly): the same
+    # schedule on a smaller teacher, e.g. 8 for the SD3.5 profiles' miniatures (128 -> 16). 1: as given.
+    latent_side_divisor: int = Field(1, ge=1)
     scale_index: Literal["cycle", "random"] = "cycle"  # released code: step mod N; earlier draft: random
     # Image-token features after this transformer block (0-based) feed the GAN head and the MMD loss:
     # about the middle; 1 of 4 for the embedded tiny teacher, 11 of 24 for SD3.5-M, 20 of 38 for SD3.5-L.
@@ -149,6 +164,13 @@ class SwdConfig(_Section):
             else:
                 boundaries = None
                 sigmas = check_sigmas(self.sigmas, len(scales))
+        if self.latent_side_divisor != 1:
+            d = self.latent_side_divisor
+            if any(side % d for side in scales):
+                raise ValueError(f"swd.latent_side_divisor: {d} does not divide every latent side of the schedule "
+                                 f"{scales}; valid: a common divisor of them, e.g. "
+                                 f"{math.gcd(*scales)}, or 1")
+            scales = [side // d for side in scales]
         self._schedule = Schedule(scales=scales, sigmas=sigmas, boundaries=boundaries, grid=grid)
         return self
 

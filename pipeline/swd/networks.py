@@ -29,9 +29,10 @@ FAKE_ADAPTER = "fake"
 
 
 def add_lora(transformer, rank: int, alpha: float, target_modules: list[str], adapter_name: str,
-             key: str = "target_modules") -> list[nn.Parameter]:
-    """Freeze the transformer and add a LoRA adapter (A random, B zero) through diffusers' PEFT
-    integration; returns the adapter's parameters. `key` names the config key in errors."""
+             key: str = "target_modules", init: str = "kaiming") -> list[nn.Parameter]:
+    """Freeze the transformer and add a LoRA adapter (A random: PEFT's kaiming-uniform or, with
+    `init="gaussian"`, N(0, 1/rank) as released; B zero) through diffusers' PEFT integration;
+    returns the adapter's parameters. `key` names the config key in errors."""
     from peft import LoraConfig  # peft is needed only by the training-side networks
 
     transformer.requires_grad_(False)
@@ -39,7 +40,8 @@ def add_lora(transformer, rank: int, alpha: float, target_modules: list[str], ad
               "Linear layers' names, e.g. 'to_q', 'to_out.0', 'ff.net.2'"
     try:
         transformer.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(target_modules),
-                                           init_lora_weights=True), adapter_name=adapter_name)
+                                           init_lora_weights="gaussian" if init == "gaussian" else True),
+                                adapter_name=adapter_name)
     except ValueError as e:
         raise ValueError(f"{problem} ({e})") from None
     params = [p for n, p in transformer.named_parameters() if f".{adapter_name}." in n]
@@ -121,7 +123,7 @@ def build_student(transformer, cfg: StudentConfig) -> tuple[nn.Module, nn.Module
         teacher = copy.deepcopy(transformer).requires_grad_(False).eval()
         return transformer.requires_grad_(True), teacher
     add_lora(transformer, cfg.lora_rank, cfg.lora_alpha, cfg.target_modules, STUDENT_ADAPTER,
-             key="swd.student.target_modules")
+             key="swd.student.target_modules", init=cfg.lora_init)
     return transformer, None
 
 
@@ -130,7 +132,7 @@ def build_fake(teacher_transformer, cfg: FakeConfig, feature_block: int,
     """F: a copy of the teacher with its own LoRA, plus the GAN head (trainable)."""
     transformer = copy.deepcopy(teacher_transformer)
     add_lora(transformer, cfg.lora_rank, cfg.lora_alpha, cfg.target_modules, FAKE_ADAPTER,
-             key="swd.fake.target_modules")
+             key="swd.fake.target_modules", init=cfg.lora_init)
     return FakeScore(transformer, feature_block, cfg.gan_head_num_layers, stop_at_feature_block)
 
 
