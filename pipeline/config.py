@@ -129,7 +129,7 @@ with warnings.catch_warnings():  # `register` is also ABCMeta.register; the fiel
 
 # ----------------------------------------------------------------------------- miniature overlays
 
-# A config file named `miniature.yaml` (cluster/profiles/miniature.yaml) shrinks a cluster profile to a
+# A config file named `miniature.yaml` (cluster/miniature.yaml) shrinks a cluster profile to a
 # laptop / CI run of the same settings. It may set only these size and hardware keys (a trailing `*`
 # covers a whole section), so the miniature cannot drift from the profile it stands for: ZeRO stage,
 # gradient checkpointing, early exit, MMD features, loss weights and ranges, fake updates per step,

@@ -87,8 +87,11 @@ class Config(BaseModel):
     # DeepSpeed ZeRO stage of both engines (0: plain data parallel, 1: optimizer states, 2: + gradients,
     # 3: + parameters partitioned).
     zero_stage: int = Field(2, ge=0, le=3)
-    # auto: bf16 on GPU, fp32 on CPU.
-    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    # bf16: DeepSpeed bf16 (every weight bf16 in the forward, fp32 master copies of the trained ones in the
+    # optimizer, gradients all-reduced in bf16). bf16-mixed: the released recipe: frozen base weights in
+    # bf16, the trained LoRA and GAN head kept in fp32 (PEFT runs the LoRA path in fp32), fp32 AdamW and
+    # gradients all-reduced in fp32; runs on CPU too. fp32: everything fp32. auto: bf16 on GPU, fp32 on CPU.
+    precision: Literal["auto", "bf16", "bf16-mixed", "fp32"] = "auto"
     gradient_checkpointing: bool = False
     # AdamW of both engines (SWD.md section 4, released hyperparameters), constant lr.
     lr: float = Field(5e-6, gt=0)
@@ -122,8 +125,8 @@ class Config(BaseModel):
     @model_validator(mode="after")
     def _gpu(self) -> "Config":
         if self.precision == "bf16" and not self.use_gpu:
-            raise ValueError("distill.precision: 'bf16' needs distill.use_gpu=true (CPU training runs in "
-                             "fp32); valid here: auto, fp32")
+            raise ValueError("distill.precision: 'bf16' needs distill.use_gpu=true (DeepSpeed's bf16 engine "
+                             "is for GPUs); valid here: auto, fp32, bf16-mixed")
         if self.init_student is not None and not self.init_student.strip():
             raise ValueError("distill.init_student: '' is not a directory; give a student exported by this pipeline "
                              "(a distill output or a registered model downloaded from MLflow) or null")
@@ -326,7 +329,29 @@ def fit(spec: "LoopSpec", cache_dir: str | Path, storage_path: str, name: str, c
         ),
         datasets={"train": dataset},
     )
-    return trainer.fit()
+    try:
+        return trainer.fit()
+    except ray.train.TrainingFailedError as e:
+        raise RuntimeError(training_failure(e, max_failures=cfg.max_failures)) from e
+
+
+def training_failure(error, max_failures: int) -> str:
+    """One line per distinct worker exception (type and message, with the ranks that raised it), so the
+    cause reaches the stage's error line: Ray's own message is a traceback snippet that it truncates."""
+    failures = dict(getattr(error, "worker_failures", None) or {})
+    if not failures and getattr(error, "controller_failure", None) is not None:
+        failures = {"controller": error.controller_failure}
+    if not failures:
+        return f"distill: training failed: {type(error).__name__}: {error}"
+    by_cause: dict[str, list] = {}
+    for rank, exc in sorted(failures.items(), key=lambda kv: str(kv[0])):
+        exc = getattr(exc, "cause", None) or exc  # a RayTaskError wraps the worker's own exception
+        message = " ".join(str(exc).split())
+        message = message if len(message) <= 600 else message[:600] + " ..."
+        by_cause.setdefault(f"{type(exc).__name__}: {message}", []).append(rank)
+    causes = "; ".join(f"{cause} (rank {', '.join(map(str, ranks))})" for cause, ranks in by_cause.items())
+    return (f"distill: a training worker failed (after {max_failures} restart(s) allowed by distill.max_failures): "
+            f"{causes}; the full traceback is in the worker's log above")
 
 
 @dataclass
@@ -464,6 +489,8 @@ def ds_config(cfg: Config, lr: float, world_size: int, bf16: bool) -> dict:
                                                   "weight_decay": cfg.weight_decay, "torch_adam": True}},
         "zero_optimization": {"stage": cfg.zero_stage},
         "bf16": {"enabled": bf16},
+        # Gradients are averaged over ranks in fp32 unless the engine is a bf16 one (as released).
+        "communication_data_type": "bf16" if bf16 else "fp32",
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
     }
@@ -487,6 +514,7 @@ class Trainer:
         self.rank, self.world = context.get_world_rank(), context.get_world_size()
         self.device = ray.train.torch.get_device()
         self.bf16 = self.cfg.precision == "bf16" or (self.cfg.precision == "auto" and self.cfg.use_gpu)
+        self.mixed = self.cfg.precision == "bf16-mixed"  # bf16 base, fp32 trained weights, fp32 engines
         torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
         self.state = {"step": 0, "epoch": 0, "batches_in_epoch": 0, "nonfinite_generator": 0, "nonfinite_fake": 0,
                       "nonfinite_in_a_row": 0, "attempts": 0, "train_s": 0.0, "images": 0}
@@ -507,7 +535,7 @@ class Trainer:
 
         # bf16 engines hold bf16 weights (fp32 master copies of the trained ones in the optimiser):
         # load the teacher in bf16 then, so a large teacher and its fake copy fit before partitioning.
-        dtype = "bfloat16" if self.bf16 else "float32"
+        dtype = "bfloat16" if self.bf16 or self.mixed else "float32"
         bundle = load_bundle(self.spec.location, dtype, str(self.device), True, self.spec.load_t5,
                              self.spec.max_sequence_length)
         with torch.no_grad():
@@ -522,10 +550,14 @@ class Trainer:
             setattr(bundle.pipeline, name, None)
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
+        torch.manual_seed(self.cfg.seed)  # PEFT draws LoRA A from the global generator: the same on every rank and run
         nets = build_networks(bundle.transformer, self.swd)
         self.warm_started = warm_start and self.spec.init_student is not None
         if self.warm_started:  # before the engines: ZeRO-3 partitions the weights as loaded here
             load_student_lora(nets.student, self.spec.init_student)
+        if self.mixed:  # the released precision: trained weights in fp32 over the bf16 base
+            for param in nets.student_parameters() + nets.fake_parameters():
+                param.data = param.data.float()
         if self.cfg.gradient_checkpointing:
             nets.student.enable_gradient_checkpointing()
             if nets.fake is not None:

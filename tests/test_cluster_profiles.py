@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from pipeline.config import REPO_ROOT, load_config
+from pipeline.swd.config import RELEASED_TARGET_MODULES
 
 PROFILES = {
     # name: (hub id, scales, sigmas, guidance, feature block, global batch, generator steps)
@@ -32,10 +33,12 @@ def test_profile_holds_the_released_recipe(name):
     assert (d.lr, d.fake_lr, tuple(d.betas), d.weight_decay, d.grad_clip) == (5e-6, 5e-6, (0.9, 0.999), 0.01, 10.0)
     assert d.fake_updates_per_step == 5 and d.num_steps == steps
     assert d.num_workers * d.batch_size_per_worker == global_batch
-    assert d.use_gpu and d.num_gpus_per_worker == 1 and d.precision == "bf16" and d.gradient_checkpointing
-    assert d.zero_stage in (2, 3)
-    if d.zero_stage == 3:  # pipeline.yaml: leave stop_at_feature_block off under ZeRO-3
-        assert not s.stop_at_feature_block
+    assert d.use_gpu and d.num_gpus_per_worker == 1 and d.precision == "bf16-mixed" and d.gradient_checkpointing
+    assert d.zero_stage in (2, 3) and s.stop_at_feature_block  # early exit under ZeRO-3 too
+    # The released recipe (cluster/README.md): F's MMD features, its LoRA targets and init, T5 to the tokenizer's limit.
+    assert s.loss.mmd_features == "fake" and t.load_t5 is True and t.max_sequence_length is None
+    for lora in (s.student, s.fake):
+        assert lora.target_modules == RELEASED_TARGET_MODULES and lora.lora_init == "gaussian"
     assert d.storage_path and (d.storage_path.startswith("s3://") or d.storage_path.startswith("/mnt/swd/"))
     assert str(cfg.workdir).startswith("/mnt/swd/workdir/") and name in str(cfg.workdir)
     assert cfg.tracking.experiment == f"swd-{name}" and cfg.tracking.uri is None  # $MLFLOW_TRACKING_URI

@@ -115,8 +115,8 @@ class SwdConfig(_Section):
     # Image-token features after this transformer block (0-based) feed the GAN head and the MMD loss:
     # about the middle; 1 of 4 for the embedded tiny teacher, 11 of 24 for SD3.5-M, 20 of 38 for SD3.5-L.
     feature_block: int = Field(1, ge=0)
-    # Feature-only calls end the forward after `feature_block` (saves the later blocks). Leave off
-    # under DeepSpeed ZeRO-3, whose parameter gathering expects every forward to finish.
+    # Feature-only calls end the forward after `feature_block` (saves the later blocks). Works under
+    # every DeepSpeed ZeRO stage (ZeRO-3 gathers and releases each block's parameters in its own hooks).
     stop_at_feature_block: bool = False
     student: StudentConfig = StudentConfig()
     fake: FakeConfig = FakeConfig()
