@@ -138,7 +138,7 @@ MINIATURE_FILE_NAME = "miniature.yaml"
 MINIATURE_KEYS = (
     "workdir", "ray.*", "data.*",
     # the SD3.5-structured miniature teacher and where it runs
-    "teacher.pretrained", "teacher.device",
+    "teacher.pretrained",
     # the same schedule on the miniature's 8x smaller latents; the feature block at the same relative depth
     "swd.latent_side_divisor", "swd.feature_block",
     "cache.num_encoders", "cache.batch_size", "cache.num_cpus_per_encoder", "cache.num_gpus_per_encoder",

@@ -1,11 +1,16 @@
 """The stage graph and its fingerprint cache.
 
 A stage's fingerprint hashes its code version, the config sections it declares and its inputs'
-fingerprints (plus, for stages that read outside data, a digest of that data). Its output lives
+fingerprints (plus, for stages that read outside data, a digest of that data). A section leaves out
+the keys that do not change any stage's result (`section_fingerprint`: a Config's
+`NOT_IN_FINGERPRINT`, or its own `fingerprint_dump`): logging cadence, workers and actors, retries,
+checkpoint cadence, retention and location. Changing one of them reuses the committed output, and a
+distill run in progress resumes from its checkpoint (same fingerprint, same run name). Its output lives
 in `workdir/<stage>/<fingerprint>/` and counts as done only once `manifest.json` is there: the
-stage writes into a temporary directory, which is renamed into place, then the manifest is
-written. So a killed run never leaves something that looks finished, and rerunning the same
-command does no work twice.
+stage writes into a temporary directory beside it, the manifest last, and one rename commits it.
+So a killed run never leaves something that looks finished, rerunning the same command does no
+work twice, a forced re-run replaces the old output only once it has committed, and two runs of
+one fingerprint serialise on a lock file (the second reuses the first's output).
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import os
 import shutil
 import time
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -86,6 +92,8 @@ class PlannedStage:
     output_dir: Path
     cached: bool
     action: str  # "run" | "cached" | "excluded" | "disabled"
+    left_out: tuple[str, ...] = ()  # per section, its keys not in the fingerprint (shown by --dry-run)
+    forced: bool = False  # --force: re-run although an output is committed
 
     @property
     def name(self) -> str:
@@ -110,8 +118,9 @@ def plan(cfg: PipelineConfig, stages: list[StageSpec], only: set[str] = frozense
         fp = fingerprint(spec, cfg, {i: fingerprints[i] for i in spec.inputs if i in fingerprints})
         out = stage_dir(cfg.workdir, spec.name) / fp
         cached = (out / MANIFEST).is_file()
+        left_out = tuple(not_in_fingerprint(spec, cfg))
         if spec.enabled is not None and not spec.enabled(cfg):
-            planned.append(PlannedStage(spec, fp, out, cached, "disabled"))
+            planned.append(PlannedStage(spec, fp, out, cached, "disabled", left_out))
             continue
         fingerprints[spec.name] = fp
         if only and spec.name not in only:
@@ -120,7 +129,7 @@ def plan(cfg: PipelineConfig, stages: list[StageSpec], only: set[str] = frozense
             action = "cached"
         else:
             action = "run"
-        planned.append(PlannedStage(spec, fp, out, cached, action))
+        planned.append(PlannedStage(spec, fp, out, cached, action, left_out, forced=spec.name in force))
     by_name = {p.name: p for p in planned}
     for p in planned:
         if p.action != "run":
@@ -133,13 +142,38 @@ def plan(cfg: PipelineConfig, stages: list[StageSpec], only: set[str] = frozense
     return planned
 
 
+def section_fingerprint(model: BaseModel) -> dict[str, Any]:
+    """What of a config section feeds fingerprints: its `fingerprint_dump()` if it has one (a section whose
+    keys count only in some settings), else its dump without the top-level keys in `NOT_IN_FINGERPRINT`."""
+    if hasattr(model, "fingerprint_dump"):
+        return model.fingerprint_dump()
+    dump = model.model_dump(mode="json")
+    for key in getattr(type(model), "NOT_IN_FINGERPRINT", ()):
+        dump.pop(key, None)
+    return dump
+
+
+def not_in_fingerprint(spec: StageSpec, cfg: PipelineConfig) -> list[str]:
+    """Per section of the stage, the keys its fingerprint leaves out, for --dry-run: `distill.log_every,
+    ...`, or `teacher.* except pretrained, ...` for a section that leaves out most of itself."""
+    out = []
+    for name, model in spec.sections(cfg).items():
+        kept = section_fingerprint(model)
+        left = [k for k in model.model_dump(mode="json") if k not in kept]
+        if len(left) > len(kept):
+            out.append(f"{name}.* except {', '.join(kept)}")
+        elif left:
+            out.append(", ".join(f"{name}.{k}" for k in left))
+    return out
+
+
 def fingerprint(spec: StageSpec, cfg: PipelineConfig, input_fingerprints: dict[str, str]) -> str:
     sections = spec.sections(cfg)
     external = getattr(spec.module, "external_fingerprint", None)
     payload = {
         "stage": spec.name,
         "version": spec.module.VERSION,
-        "sections": {s: m.model_dump(mode="json") for s, m in sections.items()},
+        "sections": {s: section_fingerprint(m) for s, m in sections.items()},
         "inputs": input_fingerprints,
         "external": external(sections) if external else None,
     }
@@ -156,53 +190,104 @@ def read_manifest(output_dir: Path) -> dict[str, Any]:
 
 def execute_stage(p: PlannedStage, cfg: PipelineConfig, inputs: dict[str, Path], tracking_uri: str,
                   run_id: str, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run one stage into a temporary directory and commit it: rename, then manifest."""
+    """Run one stage into a temporary directory beside its output and commit it in one rename, the
+    manifest already inside. Under a per-fingerprint lock: a second run of the same fingerprint waits,
+    then reuses what the first committed. A forced re-run replaces the committed output only once its
+    own has committed, so a failed or killed forced run keeps the old one."""
     root = stage_dir(cfg.workdir, p.name)
     root.mkdir(parents=True, exist_ok=True)
-    for stale in root.glob(f".tmp-{p.fingerprint}-*"):  # left by a killed run
-        shutil.rmtree(stale, ignore_errors=True)
-    if p.output_dir.exists():  # renamed but no manifest (killed mid-commit) or forced re-run
-        shutil.rmtree(p.output_dir)
-    tmp = root / f".tmp-{p.fingerprint}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    scratch = root / f".scratch-{p.fingerprint}"
-    scratch.mkdir(exist_ok=True)
-    shared = root / "shared"
-    shared.mkdir(exist_ok=True)
-    sections = p.spec.sections(cfg)
-    ctx = StageContext(
-        name=p.name, config=sections[p.spec.module.SECTIONS[0]], sections=sections, inputs=inputs,
-        output_dir=tmp, scratch_dir=scratch, shared_dir=shared, tracking_uri=tracking_uri,
-        run_id=run_id, fingerprint=p.fingerprint,
-    )
-    start = time.monotonic()
-    try:
-        p.spec.module.run(ctx)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)  # scratch stays: the next run resumes from it
-        raise
-    missing = [o for o in getattr(p.spec.module, "OUTPUTS", ()) if not (tmp / o).exists()]
-    if missing:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise RuntimeError(f"stage {p.name} finished without writing its declared outputs: {', '.join(missing)}")
-    os.rename(tmp, p.output_dir)
-    manifest = {
-        "stage": p.name,
-        "fingerprint": p.fingerprint,
-        "version": p.spec.module.VERSION,
-        "run_id": run_id,
-        "inputs": {name: str(path) for name, path in inputs.items()},
-        "sections": {s: m.model_dump(mode="json") for s, m in sections.items()},
-        "summary": ctx.summary,
-        "wall_s": round(time.monotonic() - start, 3),
-        "committed_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
-    part = p.output_dir / (MANIFEST + ".part")
-    part.write_text(json.dumps(manifest, indent=2, default=str))
-    os.replace(part, p.output_dir / MANIFEST)
-    if not ctx.keep_scratch:
-        shutil.rmtree(scratch, ignore_errors=True)
-    return manifest
+    with stage_lock(root, p, log):
+        _recover_replaced(root, p)
+        if (p.output_dir / MANIFEST).is_file() and not p.forced:
+            log(f"[pipeline] {p.name}: committed by another run while this one waited for the lock; reusing it")
+            return {**read_manifest(p.output_dir), "reused": True}
+        for stale in root.glob(f".tmp-{p.fingerprint}-*"):  # left by a killed run (the lock says none is live)
+            shutil.rmtree(stale, ignore_errors=True)
+        if p.output_dir.exists() and not (p.output_dir / MANIFEST).is_file():  # never committed
+            shutil.rmtree(p.output_dir)
+        tmp = root / f".tmp-{p.fingerprint}-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir()
+        scratch = root / f".scratch-{p.fingerprint}"
+        scratch.mkdir(exist_ok=True)
+        shared = root / "shared"
+        shared.mkdir(exist_ok=True)
+        sections = p.spec.sections(cfg)
+        ctx = StageContext(
+            name=p.name, config=sections[p.spec.module.SECTIONS[0]], sections=sections, inputs=inputs,
+            output_dir=tmp, scratch_dir=scratch, shared_dir=shared, tracking_uri=tracking_uri,
+            run_id=run_id, fingerprint=p.fingerprint,
+        )
+        start = time.monotonic()
+        try:
+            p.spec.module.run(ctx)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)  # scratch stays: the next run resumes from it
+            raise
+        missing = [o for o in getattr(p.spec.module, "OUTPUTS", ()) if not (tmp / o).exists()]
+        if missing:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise RuntimeError(f"stage {p.name} finished without writing its declared outputs: {', '.join(missing)}")
+        manifest = {
+            "stage": p.name,
+            "fingerprint": p.fingerprint,
+            "version": p.spec.module.VERSION,
+            "run_id": run_id,
+            "inputs": {name: str(path) for name, path in inputs.items()},
+            "sections": {s: m.model_dump(mode="json") for s, m in sections.items()},
+            "summary": ctx.summary,
+            "wall_s": round(time.monotonic() - start, 3),
+            "committed_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
+        _commit(tmp, p.output_dir, root)
+        if not ctx.keep_scratch:
+            shutil.rmtree(scratch, ignore_errors=True)
+        return manifest
+
+
+def _commit(tmp: Path, output_dir: Path, root: Path) -> None:
+    """tmp (manifest inside) becomes output_dir; a committed output_dir (forced re-run) is moved aside
+    first and deleted only after, so at every instant one complete output exists on disk."""
+    if not output_dir.exists():
+        os.rename(tmp, output_dir)
+        return
+    old = root / f".replaced-{output_dir.name}-{uuid.uuid4().hex[:8]}"
+    os.rename(output_dir, old)
+    os.rename(tmp, output_dir)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _recover_replaced(root: Path, p: PlannedStage) -> None:
+    """A run killed between the two renames of `_commit` left the old output aside: put it back."""
+    for old in sorted(root.glob(f".replaced-{p.fingerprint}-*")):
+        if not p.output_dir.exists() and (old / MANIFEST).is_file():
+            os.rename(old, p.output_dir)
+        else:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+@contextmanager
+def stage_lock(root: Path, p: PlannedStage, log: Callable[[str], None] = print):
+    """An exclusive flock on `root/.lock-<fingerprint>` for the stage's run and commit (released by the
+    kernel when the process dies). A second run of the same fingerprint says it waits, then waits."""
+    import fcntl
+
+    with open(root / f".lock-{p.fingerprint}", "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another run"
+            log(f"[pipeline] {p.name}: {holder} is running this fingerprint ({p.fingerprint}); waiting for it")
+            fcntl.flock(f, fcntl.LOCK_EX)
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {os.uname().nodename}\n")
+        f.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def describe_plan(planned: list[PlannedStage]) -> str:
@@ -212,4 +297,6 @@ def describe_plan(planned: list[PlannedStage]) -> str:
         what = {"run": "would run" if not p.cached else "would re-run (forced)",
                 "cached": "cached", "excluded": "not run (--only)", "disabled": "disabled by config"}[p.action]
         lines.append(f"  {p.name:<{width}}  {p.fingerprint}  {what:<22} {p.output_dir}")
+        if p.left_out:
+            lines.append(f"  {'':<{width}}  not in fingerprint: {'; '.join(p.left_out)}")
     return "\n".join(lines)

@@ -119,18 +119,8 @@ def build_t5_encoder(tokenizer, seed: int):
 
 
 def build_vae(seed: int = 0):
-    from diffusers import AutoencoderKL
-    import torch
-
-    torch.manual_seed(seed)
-    n = len(VAE_BLOCK_CHANNELS)
-    return AutoencoderKL(
-        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * n,
-        up_block_types=("UpDecoderBlock2D",) * n, block_out_channels=VAE_BLOCK_CHANNELS,
-        layers_per_block=1, latent_channels=LATENT_CHANNELS, norm_num_groups=8, sample_size=PIXEL_SIDE,
-        scaling_factor=VAE_SCALING_FACTOR, shift_factor=VAE_SHIFT_FACTOR, use_quant_conv=False,
-        use_post_quant_conv=False, mid_block_add_attention=False, force_upcast=False,
-    )
+    """The 16-channel, 8x VAE with SD3.5's scaling and shift factors."""
+    return tiny.build_vae(seed, VAE_BLOCK_CHANNELS, LATENT_CHANNELS, PIXEL_SIDE, VAE_SCALING_FACTOR, VAE_SHIFT_FACTOR)
 
 
 def build_transformer(seed: int = 0):

@@ -83,7 +83,7 @@ def run_stages(cfg: PipelineConfig, planned: list[graph.PlannedStage], uri: str,
                tags: dict[str, str] | None = None) -> int:
     mlc = tracking.client(uri)
     exp_id = tracking.ensure_experiment(mlc, cfg.tracking.experiment, tracking.artifact_location(cfg, uri))
-    parent = tracking.start_parent_run(mlc, exp_id, cfg, argv, [p.name for p in planned])
+    parent = tracking.start_parent_run(mlc, exp_id, cfg, argv, [p.name for p in planned], tags)
     for key, value in (tags or {}).items():  # e.g. schedule.slot of a scheduled run
         mlc.set_tag(parent, key, value)
     print(f"[pipeline] MLflow run {parent} (experiment {cfg.tracking.experiment!r}, {uri})", flush=True)
@@ -177,9 +177,24 @@ def teacher_problems(cfg: PipelineConfig) -> list[str]:
     from pipeline.teacher import TeacherError, resolve_pretrained, text_settings
 
     t = cfg.teacher
-    if t.pretrained is None:  # the embedded tiny teacher, trained by the teacher stage (VAE factor 4)
-        shape = {"patch_size": t.patch_size, "sample_size": cfg.data.generator.image_side_px // 4,
-                 "num_layers": t.num_layers}
+    where = t.pretrained or "embedded tiny teacher"
+    if t.pretrained is None and t.init_bundle:  # the teacher stage continues this bundle's own transformer
+        transformer = Path(os.path.expanduser(t.init_bundle)) / "transformer" / "config.json"
+        if not transformer.is_file():
+            return [f"teacher.init_bundle {t.init_bundle!r}: no transformer/config.json there, so it is not a "
+                    f"diffusers bundle to continue from; give a tiny teacher bundle (a teacher stage's bundle/ "
+                    f"directory, e.g. assets/tiny-teacher) or null to train from scratch"]
+        shape = json.loads(transformer.read_text())
+        where = f"embedded tiny teacher continued from teacher.init_bundle {t.init_bundle}"
+    elif t.pretrained is None:
+        # The transformer tiny.build_pipeline builds (tiny.build_transformer: latents of PIXEL_SIDE images
+        # through the VAE's downsamplings); the teacher stage resizes every image to PIXEL_SIDE.
+        from pipeline import tiny
+
+        side = tiny.PIXEL_SIDE // 2 ** (len(tiny.VAE_BLOCK_CHANNELS) - 1)
+        shape = {"patch_size": t.patch_size, "sample_size": side, "num_layers": t.num_layers}
+        where = (f"embedded tiny teacher, trained on {tiny.PIXEL_SIDE} px images (latent side {side}) "
+                 f"whatever data.generator.image_side_px is")
     else:
         try:
             directory = resolve_pretrained(t.pretrained, t.local_files_only)
@@ -195,7 +210,7 @@ def teacher_problems(cfg: PipelineConfig) -> list[str]:
     try:
         check_against_teacher(cfg.swd, shape["patch_size"], shape["sample_size"], shape["num_layers"])
     except ValueError as e:
-        problems += [f"{line} (teacher: {t.pretrained or 'embedded tiny teacher'})" for line in str(e).splitlines()]
+        problems += [f"{line} (teacher: {where})" for line in str(e).splitlines()]
     return problems
 
 

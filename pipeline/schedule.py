@@ -15,7 +15,9 @@ period; this module makes that safe to repeat and to overlap. Steps of a schedul
    training. A holder whose lease expired (crashed, hung, lost its node), or on this host a holder
    whose process is gone, is taken over by creating number n + 1. A holder that finds a higher number
    has lost its lease: the run is interrupted and exits 4 (EXIT_LEASE_LOST) without recording the
-   slot. Cross-host expiry compares wall clocks: keep `lease_ttl_s` well above the nodes' clock skew.
+   slot, wherever the interruption lands (in a stage, in the champion lookup, after the stages). The
+   slot is recorded only after the interruption is switched off and one more renewal found the lease
+   still held. Cross-host expiry compares wall clocks: keep `lease_ttl_s` well above the nodes' clock skew.
 4. Slot re-checked under the lease (a run that finished while this one waited).
 5. New shards: the train shard list (url, size, mtime) against the one recorded by the last
    successful scheduled run (`workdir/schedule/last_success.json`). Only those shards are new work:
@@ -28,7 +30,10 @@ period; this module makes that safe to repeat and to overlap. Steps of a schedul
    field `WARM_START_FIELD` (`distill.init_student`, which finds the LoRA adapter inside). A champion
    that cannot warm-start this config (no LoRA adapter, another LoRA rank / alpha / target modules,
    `swd.student.full_finetune`) is not used: the student trains from the teacher, and the run
-   records why (tag `schedule.warm_start`).
+   records why (tag `schedule.warm_start`). Only "no such registered model" and "no such alias" mean
+   no champion; a registry that cannot be asked (refused, 5xx, timeout, permission denied, after
+   MLflow's own retries) stops the run with exit 5 (EXIT_REGISTRY_UNAVAILABLE) and nothing recorded
+   for the slot: a registry outage never silently retrains from the teacher.
 7. The stage graph runs as usual (evaluate on the fixed eval set; register promotes only if better),
    under one MLflow parent run tagged `schedule.slot`, `schedule.new_shards`, `schedule.warm_start`.
    On success the slot record and `last_success.json` are written and the parent run is tagged
@@ -42,6 +47,7 @@ import json
 import os
 import re
 import socket
+import sys
 import threading
 import time
 import uuid
@@ -52,6 +58,7 @@ from typing import Any, Callable
 from pydantic import BaseModel, ConfigDict, Field
 
 EXIT_LEASE_LOST = 4
+EXIT_REGISTRY_UNAVAILABLE = 5
 SLOT_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 # The distill stage's config field that takes an initial student (a LoRA / transformer directory).
 WARM_START_FIELD = "init_student"
@@ -73,6 +80,10 @@ class Config(BaseModel):
 
 class ScheduleError(ValueError):
     pass
+
+
+class RegistryUnavailable(RuntimeError):
+    """The model registry did not answer the champion lookup (not "no champion": that is None)."""
 
 
 # ----------------------------------------------------------------------------- slots
@@ -155,6 +166,8 @@ class Lease:
         self.lost = False
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._on_lost: Callable[[], None] | None = None
+        self._guard = threading.Lock()  # on_lost is called under it; disarm() takes it away under it
 
     # -- files
     def _files(self) -> list[tuple[int, Path]]:
@@ -240,6 +253,7 @@ class Lease:
         return True
 
     def release(self) -> None:
+        self.disarm()
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=10)
@@ -255,7 +269,10 @@ class Lease:
         self.number = None
 
     def keep_renewed(self, on_lost: Callable[[], None]) -> None:
-        """Renew every ttl/3 in a daemon thread; call `on_lost` once if the lease is taken over."""
+        """Renew every ttl/3 in a daemon thread; call `on_lost` once if the lease is taken over (unless
+        disarmed by then)."""
+        self._on_lost = on_lost
+
         def loop():
             while not self._stop.wait(self.ttl_s / 3):
                 try:
@@ -265,11 +282,19 @@ class Lease:
                     continue
                 if not ok:
                     print(f"[schedule] lease lost: another run took over {self.directory}", flush=True)
-                    on_lost()
+                    with self._guard:
+                        if self._on_lost is not None:
+                            self._on_lost()
                     return
 
         self._thread = threading.Thread(target=loop, name="schedule-lease", daemon=True)
         self._thread.start()
+
+    def disarm(self) -> None:
+        """No `on_lost` from now on (renewal goes on; a takeover only sets `lost`). When this returns,
+        `on_lost` either ran already (and `lost` is True) or never will."""
+        with self._guard:
+            self._on_lost = None
 
 
 class LeaseLost(KeyboardInterrupt):
@@ -321,16 +346,33 @@ def read_last_success(workdir: Path) -> dict | None:
 
 
 def champion(mlc, cfg) -> dict | None:
-    """The registered model version holding the champion alias, or None (no model, no alias yet)."""
+    """The registered model version holding the champion alias, or None when the registry says there is
+    none (no such registered model, no such alias). Any other failure is RegistryUnavailable. The alias
+    is read from the registered model (MLflow reports a missing alias as INVALID_PARAMETER_VALUE, the
+    same code as a malformed request, so that error cannot tell "no champion" apart)."""
     from mlflow.exceptions import MlflowException
 
     name = getattr(cfg.register, "model_name", None)
     alias = getattr(cfg.register, "alias", "champion")
     if not name:
         return None
-    try:
-        mv = mlc.get_model_version_by_alias(name, alias)
-    except MlflowException:
+
+    def ask(call):
+        try:
+            return call()
+        except (MlflowException, OSError) as e:
+            if getattr(e, "error_code", None) == "RESOURCE_DOES_NOT_EXIST":
+                return None
+            registry = getattr(mlc, "_registry_uri", None) or "(the tracking URI)"
+            reason = " ".join(str(e).split())
+            raise RegistryUnavailable(
+                f"the model registry {registry} cannot be reached to look up the champion {name}@{alias} "
+                f"({reason[:400]}{'...' if len(reason) > 400 else ''})") from None
+
+    model = ask(lambda: mlc.get_registered_model(name))
+    version = None if model is None else (model.aliases or {}).get(alias)
+    mv = None if version is None else ask(lambda: mlc.get_model_version(name, str(version)))
+    if mv is None:
         return None
     return {"name": name, "alias": alias, "version": str(mv.version), "run_id": mv.run_id, "source": mv.source}
 
@@ -397,7 +439,6 @@ def run_scheduled(cfg, slot: str, uri: str, argv: list[str], *, plan: Callable, 
     `run_stages(cfg, planned, uri, argv, tags=...)` are pipeline/run.py's."""
     from pipeline import tracking
 
-    sc: Config = cfg.schedule
     mlc = tracking.client(uri)
 
     def done() -> str | None:
@@ -407,7 +448,7 @@ def run_scheduled(cfg, slot: str, uri: str, argv: list[str], *, plan: Callable, 
         run_id = mlflow_slot_run(mlc, cfg.tracking.experiment, slot)
         return f"by MLflow run {run_id}" if run_id else None
 
-    lease = Lease(schedule_dir(cfg.workdir) / "lease", sc.lease_ttl_s, slot)
+    lease = Lease(schedule_dir(cfg.workdir) / "lease", cfg.schedule.lease_ttl_s, slot)
     if (how := done()) is not None:
         print(f"[schedule] slot {slot} already done ({how}); nothing to do", flush=True)
         return 0
@@ -415,58 +456,85 @@ def run_scheduled(cfg, slot: str, uri: str, argv: list[str], *, plan: Callable, 
         print(f"[schedule] slot {slot}: another run holds the lease on {cfg.workdir}: "
               f"{describe_holder(lease.holder)}; not training", flush=True)
         return 0
-    lease.keep_renewed(on_lost=interrupt_main_thread)
+    # From here the renewal thread may raise LeaseLost in this thread at any instruction. It is caught
+    # here, around everything up to the release, which disarms the thread: an interruption it already
+    # raised lands inside release() at the latest (the next Python call), so none escapes this function.
+    rc = EXIT_LEASE_LOST
     try:
-        if (how := done()) is not None:
-            print(f"[schedule] slot {slot} already done ({how}); nothing to do", flush=True)
-            return 0
-        last = read_last_success(cfg.workdir)
-        current = shard_list(cfg.data.train_shards)
-        fresh = new_shards(current, last and last.get("train_shards"))
-        tags = {"schedule.slot": slot, "schedule.attempt": uuid.uuid4().hex,
-                "schedule.new_shards": "generated" if fresh is None else str(len(fresh)),
-                "schedule.last_success_slot": (last or {}).get("slot") or ""}
-        if fresh is not None:
-            print(f"[schedule] slot {slot}: {len(fresh)} new train shard(s) of {len(current)} since "
-                  f"{'the last successful run (slot ' + last['slot'] + ')' if last else 'ever'}", flush=True)
-        if fresh == [] and last is not None and sc.skip_without_new_shards:
-            run_id = _record_skip(mlc, cfg, tags, uri)
-            _record_slot(cfg.workdir, slot, "no_new_shards", run_id, fresh, current)
-            print(f"[schedule] slot {slot}: no new train shards since slot {last['slot']}; recorded as done "
-                  f"without training (MLflow run {run_id})", flush=True)
-            return 0
-        cfg, how_warm = warm_start(cfg, mlc, uri, sc.warm_start)
-        tags["schedule.warm_start"] = how_warm
-        print(f"[schedule] slot {slot}: warm start: {how_warm}", flush=True)
-        if fresh:
-            _log_new_shards(tags, fresh)
-        planned = plan(cfg)
-        if any(p.action == "run" for p in planned):
-            init_ray(cfg)
         try:
-            rc = run_stages(cfg, planned, uri, argv, tags=tags)
-        except KeyboardInterrupt:
-            if lease.lost:
-                print(f"error: slot {slot}: the lease was taken over by another run; stopped without "
-                      f"recording the slot", flush=True)
-                return EXIT_LEASE_LOST
+            lease.keep_renewed(on_lost=interrupt_main_thread)
+            rc = _run_holding_lease(cfg, slot, uri, argv, mlc, lease, done, plan, init_ray, run_stages)
+        finally:
+            lease.release()
+    except KeyboardInterrupt:
+        if not lease.lost:  # a real Ctrl-C
             raise
-        if rc != 0:
-            return rc
-        if lease.lost or not lease.renew():
-            print(f"error: slot {slot}: the lease was taken over by another run while this one finished; "
-                  f"the slot is not recorded", flush=True)
-            return EXIT_LEASE_LOST
-        run_id = _parent_run(mlc, cfg.tracking.experiment, tags["schedule.attempt"])
-        if run_id:
-            mlc.set_tag(run_id, "schedule.slot_done", "true")
-        _record_slot(cfg.workdir, slot, "trained", run_id, fresh, current)
-        _write_json(schedule_dir(cfg.workdir) / "last_success.json",
-                    {"slot": slot, "run_id": run_id, "finished_at": _now(), "train_shards": current})
-        print(f"[schedule] slot {slot} done (MLflow run {run_id})", flush=True)
+        rc = EXIT_LEASE_LOST
+    if rc == EXIT_LEASE_LOST:
+        print(f"error: slot {slot}: the lease on {cfg.workdir} was taken over by another run; stopped without "
+              f"recording the slot (a later run of it retries)", flush=True)
+    return rc
+
+
+def _run_holding_lease(cfg, slot: str, uri: str, argv: list[str], mlc, lease: Lease, done: Callable,
+                       plan: Callable, init_ray: Callable, run_stages: Callable) -> int:
+    """Steps 4-7, under the lease. Returns EXIT_LEASE_LOST (the caller says why) when the lease is found
+    lost; anything is recorded only after `lease.disarm()` and a renewal that found the lease held."""
+    sc: Config = cfg.schedule
+
+    def still_held() -> bool:  # after this no LeaseLost arrives, and the lease is ours for another ttl
+        lease.disarm()
+        return not lease.lost and lease.renew()
+
+    if (how := done()) is not None:
+        print(f"[schedule] slot {slot} already done ({how}); nothing to do", flush=True)
         return 0
-    finally:
-        lease.release()
+    last = read_last_success(cfg.workdir)
+    current = shard_list(cfg.data.train_shards)
+    fresh = new_shards(current, last and last.get("train_shards"))
+    tags = {"schedule.slot": slot, "schedule.attempt": uuid.uuid4().hex,
+            "schedule.new_shards": "generated" if fresh is None else str(len(fresh)),
+            "schedule.last_success_slot": (last or {}).get("slot") or ""}
+    if fresh is not None:
+        print(f"[schedule] slot {slot}: {len(fresh)} new train shard(s) of {len(current)} since "
+              f"{'the last successful run (slot ' + last['slot'] + ')' if last else 'ever'}", flush=True)
+    if fresh == [] and last is not None and sc.skip_without_new_shards:
+        if not still_held():
+            return EXIT_LEASE_LOST
+        run_id = _record_skip(mlc, cfg, tags, uri)
+        _record_slot(cfg.workdir, slot, "no_new_shards", run_id, fresh, current)
+        print(f"[schedule] slot {slot}: no new train shards since slot {last['slot']}; recorded as done "
+              f"without training (MLflow run {run_id})", flush=True)
+        return 0
+    try:
+        cfg, how_warm = warm_start(cfg, mlc, uri, sc.warm_start)
+    except RegistryUnavailable as e:
+        print(f"error: slot {slot}: {e}; nothing is recorded for the slot (the next run retries it): bring the "
+              f"registry back or point MLFLOW_REGISTRY_URI / tracking.uri at a reachable one, or run with "
+              f"schedule.warm_start=false to train from the teacher", file=sys.stderr, flush=True)
+        return EXIT_REGISTRY_UNAVAILABLE
+    tags["schedule.warm_start"] = how_warm
+    print(f"[schedule] slot {slot}: warm start: {how_warm}", flush=True)
+    if fresh:
+        _log_new_shards(tags, fresh)
+    planned = plan(cfg)
+    if any(p.action == "run" for p in planned):
+        init_ray(cfg)
+    rc = run_stages(cfg, planned, uri, argv, tags=tags)
+    if lease.lost:  # a stage (or a library) swallowed the interruption
+        return EXIT_LEASE_LOST
+    if rc != 0:
+        return rc
+    run_id = _parent_run(mlc, cfg.tracking.experiment, tags["schedule.attempt"])
+    if not still_held():
+        return EXIT_LEASE_LOST
+    if run_id:
+        mlc.set_tag(run_id, "schedule.slot_done", "true")
+    _record_slot(cfg.workdir, slot, "trained", run_id, fresh, current)
+    _write_json(schedule_dir(cfg.workdir) / "last_success.json",
+                {"slot": slot, "run_id": run_id, "finished_at": _now(), "train_shards": current})
+    print(f"[schedule] slot {slot} done (MLflow run {run_id})", flush=True)
+    return 0
 
 
 def _now() -> str:

@@ -103,17 +103,20 @@ def build_text_encoder(tokenizer, seed: int):
     return CLIPTextModelWithProjection(config)
 
 
-def build_vae(seed: int = 0):
+def build_vae(seed: int = 0, block_channels=VAE_BLOCK_CHANNELS, latent_channels: int = LATENT_CHANNELS,
+              pixel_side: int = PIXEL_SIDE, scaling_factor: float = 1.0, shift_factor: float = 0.0):
+    """A small `AutoencoderKL` (one layer per block, no mid attention, no quant convs); the defaults are
+    the tiny bundle's, `pipeline/miniature.py` passes SD3.5's latent channels and factors."""
     from diffusers import AutoencoderKL
     import torch
 
     torch.manual_seed(seed)
-    n = len(VAE_BLOCK_CHANNELS)
+    n = len(block_channels)
     return AutoencoderKL(
         in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * n,
-        up_block_types=("UpDecoderBlock2D",) * n, block_out_channels=VAE_BLOCK_CHANNELS,
-        layers_per_block=1, latent_channels=LATENT_CHANNELS, norm_num_groups=8, sample_size=PIXEL_SIDE,
-        scaling_factor=1.0, shift_factor=0.0, use_quant_conv=False, use_post_quant_conv=False,
+        up_block_types=("UpDecoderBlock2D",) * n, block_out_channels=tuple(block_channels),
+        layers_per_block=1, latent_channels=latent_channels, norm_num_groups=8, sample_size=pixel_side,
+        scaling_factor=scaling_factor, shift_factor=shift_factor, use_quant_conv=False, use_post_quant_conv=False,
         mid_block_add_attention=False, force_upcast=False,
     )
 

@@ -64,22 +64,103 @@ def client(uri: str):
     return MlflowClient(tracking_uri=uri)
 
 
+# MLflow 3.x shows an experiment either as a GenAI app (traces) or as model training (the runs
+# table). The experiment's own setting is the tag the UI's experiment-type picker writes; the
+# 3.17 open-source UI decides by the `workflowType` URL parameter instead (else the "GenAI apps &
+# agents / Model training" switch it remembers, GenAI by default), so links add RUNS_PAGE_QUERY.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"  # MLflow's "Machine learning" kind
+RUNS_PAGE_QUERY = "workflowType=machine_learning"
+UI_DEFAULT = "http://127.0.0.1:5000"  # `mlflow ui` / `mlflow server` on a local store
+
+
 def ensure_experiment(mlc, name: str, artifact_uri: str | None) -> str:
+    """The experiment's id, created if missing, marked as model training (also when it exists)."""
+    from mlflow.exceptions import MlflowException
+
     exp = mlc.get_experiment_by_name(name)
-    if exp is not None:
-        return exp.experiment_id
-    return mlc.create_experiment(name, artifact_location=artifact_uri)
+    if exp is None:
+        try:
+            return mlc.create_experiment(name, artifact_location=artifact_uri,
+                                         tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
+        except MlflowException:  # two runs started together: the other one created it first
+            exp = mlc.get_experiment_by_name(name)
+            if exp is None:
+                raise
+    if exp.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:
+        mlc.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+    return exp.experiment_id
+
+
+def runs_page_url(uri: str, experiment_id: str) -> str:
+    """The MLflow UI page with the experiment's runs table: the server at `uri` (http), else the
+    `mlflow ui` a local store is opened with."""
+    base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else UI_DEFAULT
+    return f"{base}/#/experiments/{experiment_id}/runs?{RUNS_PAGE_QUERY}"
+
+
+# ----------------------------------------------------------------------------- parent runs
+RUN_NAME_MAX_CHARS = 120
+_VALUE_OPTIONS = {"--config": None, "--only": "only", "--force": "force", "--schedule-slot": None}
+_WHERE_KEYS = ("workdir", "tracking", "ray")  # where a run runs and logs, not what it trains
+
+
+def config_fingerprint(cfg: PipelineConfig) -> str:
+    """8 hex digits of the resolved config, without where it runs (workdir, tracking, ray)."""
+    import hashlib
+    import json
+
+    items = {k: str(v) for k, v in flatten(cfg).items() if k.split(".")[0] not in _WHERE_KEYS}
+    return hashlib.sha256(json.dumps(items, sort_keys=True).encode()).hexdigest()[:8]
+
+
+def parent_run_name(cfg: PipelineConfig, argv: list[str], tags: dict[str, str] | None = None) -> str:
+    """`<profile stems or "embedded"> [<overrides, shortened>] [slot <slot>] #<config fingerprint>`,
+    e.g. `sd35-medium-6step+miniature num_steps=3000 #1a2b3c4d`: tells apart the invocations of one
+    experiment in the runs table (argv and every param are on the run too)."""
+    profiles, words, i = [], [], 0
+    while i < len(argv):
+        arg, value = argv[i], None
+        opt = arg.split("=", 1)[0]
+        if opt in _VALUE_OPTIONS:
+            if "=" in arg:
+                value = arg.split("=", 1)[1]
+            elif i + 1 < len(argv):
+                value, i = argv[i + 1], i + 1
+            if opt == "--config" and value:
+                profiles.append(Path(value).stem)
+            elif _VALUE_OPTIONS[opt] and value:
+                words.append(f"{_VALUE_OPTIONS[opt]}={value}")
+        elif not arg.startswith("-") and "=" in arg:
+            key, val = arg.split("=", 1)
+            if key.split(".")[0] not in _WHERE_KEYS:
+                val = val if len(val) <= 20 else val[:9] + "\u2026" + val[-10:]
+                words.append(f"{key.rsplit('.', 1)[-1]}={val}")
+        i += 1
+    slot = (tags or {}).get("schedule.slot")
+    if slot:
+        words.append(f"slot {slot}")
+    head = "+".join(profiles) or "embedded"
+    tail = f" #{config_fingerprint(cfg)}"
+    body = " ".join([head, *words])
+    room = RUN_NAME_MAX_CHARS - len(tail)
+    if len(body) > room:
+        body = body[:room - 1].rstrip() + "\u2026"
+    return body + tail
 
 
 def start_parent_run(mlc, experiment_id: str, cfg: PipelineConfig, argv: list[str],
-                     stage_names: list[str]) -> str:
-    run = mlc.create_run(experiment_id, tags={
-        "mlflow.runName": f"pipeline-{cfg.tracking.experiment}",
+                     stage_names: list[str], tags: dict[str, str] | None = None) -> str:
+    """The parent run of one invocation; `tags` (e.g. `schedule.slot`) are set on it and a
+    schedule slot is part of its name."""
+    run = mlc.create_run(experiment_id, run_name=parent_run_name(cfg, argv, tags), tags={
+        **(tags or {}),
         "mlflow.source.git.commit": git_commit(),
         "mlflow.source.name": "pipeline/run.py",
         "pipeline.kind": "pipeline",
         "pipeline.argv": " ".join(argv)[:5000],
         "pipeline.stages": ",".join(stage_names),
+        "pipeline.config_fingerprint": config_fingerprint(cfg),
     })
     run_id = run.info.run_id
     log_params(mlc, run_id, flatten(cfg))
@@ -122,3 +203,37 @@ def git_commit() -> str:
         return out.stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m pipeline.tracking [--config FILE ...] [key.sub=value ...]`: print the link to the
+    runs table of the configured experiment (config resolved as pipeline/run.py resolves it)."""
+    import argparse
+    import sys
+
+    from pipeline.config import ConfigError, load_config
+
+    parser = argparse.ArgumentParser(prog="python -m pipeline.tracking",
+                                     description="Print the link to the runs table of the configured experiment.")
+    parser.add_argument("--config", action="append", default=[], metavar="FILE")
+    parser.add_argument("overrides", nargs="*", metavar="key.sub=value")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        uri = tracking_uri(cfg)
+        if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
+            raise TrackingError(f"{uri} does not exist yet: run the pipeline first")
+        check_reachable(uri, cfg.tracking.connect_timeout_s)
+    except (ConfigError, TrackingError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    exp = client(uri).get_experiment_by_name(cfg.tracking.experiment)
+    if exp is None:
+        print(f"error: no experiment {cfg.tracking.experiment!r} in {uri} yet: run the pipeline first", file=sys.stderr)
+        return 1
+    print(runs_page_url(uri, exp.experiment_id))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

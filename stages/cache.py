@@ -5,14 +5,16 @@ Steps (SWD.md section 4, "Training inputs"; DESIGN.md "Data formats"):
    a digest of its VAE / text-encoder / tokenizer files, dtype, posterior), the scales and this
    module's format version. A shard whose key is already committed under the stage's shared dir
    is reused as it is, so adding shards encodes only the new ones.
-2. Read the new shards with Ray Data, one map task per shard: a tolerant WebDataset tar reader
-   (`scan_tar`, `read_shard`) that keeps the image bytes undecoded and turns every tar fault
-   (truncated, corrupt, members of a sample not contiguous, unreadable shard) into a counted
-   reject instead of an exception. Why not `ray.data.read_webdataset`: in its read task a
-   truncated member raises `tarfile.ReadError` and non-contiguous members raise `ValueError`,
-   which fails the whole Dataset (`DataContext.max_errored_blocks` would instead drop the whole
-   block, good samples included), and a corrupt header mid-file silently ends the shard.
-3. Decode on CPU (`map_batches`): image -> RGB -> centre-crop to a square ->
+2. Read the new shards with Ray Data, one map task per shard (`read_shard`): the tolerant
+   WebDataset tar reader every stage shares (`pipeline.samples.iter_shard`: WebDataset's key rule,
+   the caption rule) keeps the image bytes undecoded and turns every tar fault (truncated,
+   corrupt, members of a sample not contiguous, unreadable shard) into a counted reject instead of
+   an exception. Why not `ray.data.read_webdataset`: in its read task a truncated member raises
+   `tarfile.ReadError` and non-contiguous members raise `ValueError`, which fails the whole
+   Dataset (`DataContext.max_errored_blocks` would instead drop the whole block, good samples
+   included), and a corrupt header mid-file silently ends the shard.
+3. Decode on CPU (`map_batches`): image -> upright RGB -> centre-crop to a square
+   (`pipeline.samples.square_image`, the image decoder of every stage) ->
    I_i = area(image -> pixels of s[i]), I_im1 = area(I_i -> pixels of s[i-1]) with s[-1] := s[0]
    (`pipeline.swd.inputs.scale_images`). Bytes that are not an image and images smaller than the
    largest scale are rejects; captions were checked by the reader (missing, empty, not UTF-8).
@@ -38,27 +40,25 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import io
 import json
 import os
 import re
 import shutil
 import sys
-import tarfile
-import tempfile
 import threading
 import time
 import uuid
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Literal
+from typing import Any, ClassVar, Iterator, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from pipeline import samples
 from pipeline.context import StageContext
+from pipeline.samples import REASONS
 
-VERSION = "1"
+VERSION = "2"
 SECTIONS = ("cache", "swd", "teacher")
 CACHE_FILE = "cache.json"
 REJECTS_FILE = "rejects.jsonl"
@@ -67,26 +67,16 @@ FORMAT_VERSION = 1  # of the per-shard Parquet layout below; part of every shard
 SHARD_FILE = "shard.json"  # a shard directory counts as committed once this is there
 DATA_DIR = "data"  # the Parquet files of one shard: <shared>/<shard key>/data/*.parquet
 
-IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
-CAPTION_EXT = "txt"
-# Why a sample or a shard was skipped (counted per reason, listed in rejects.jsonl).
-REASONS = {
-    "unreadable_shard": "the shard could not be opened or read (not cached: retried next run)",
-    "truncated_tar": "the tar ends inside a member or without its end-of-archive blocks",
-    "corrupt_tar": "bytes that are not tar headers where a header should be",
-    "non_contiguous": "members of one sample are not adjacent in the tar",
-    "duplicate_member": "two members of one sample have the same extension",
-    "missing_image": f"no {'/'.join(IMAGE_EXTS)} member",
-    "not_image": "the image member does not decode as an image",
-    "too_small": "the image is smaller than the largest scale's pixel size",
-    "missing_caption": f"no {CAPTION_EXT} member",
-    "empty_caption": "the caption is empty or only whitespace",
-    "bad_caption": "the caption is not UTF-8 text",
-}
+# Why a sample or a shard was skipped (counted per reason, listed in rejects.jsonl): REASONS, from
+# pipeline.samples (the reasons of every stage).
 
 
 class Config(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_default=True)
+    # Keys that change how the stage runs, not what it writes: left out of every fingerprint
+    # (pipeline/graph.py), so changing one reuses the committed output.
+    NOT_IN_FINGERPRINT: ClassVar[tuple[str, ...]] = ("num_encoders", "num_cpus_per_encoder", "num_gpus_per_encoder", "num_cpus_per_decoder",
+                          "max_shards_per_write", "log_every_s")
 
     # Encoder actors, each holding the teacher's VAE and text encoders (one GPU each where there are GPUs).
     num_encoders: int = Field(1, ge=1)
@@ -250,11 +240,9 @@ def assemble(shards: list["Shard"], reused: set[str], failed: dict[str, dict], s
 
 def rejected_fraction(rows: int, rejects: list[dict], readable_shards: int) -> float:
     """Rejected / (kept + rejected) samples. An unreadable shard counts as many samples as a
-    readable shard holds on average (at least 1); samples lost after a truncation are unknown."""
-    unreadable = sum(1 for e in rejects if e["reason"] == "unreadable_shard")
-    per_shard = max(1.0, (rows + len(rejects) - unreadable) / max(1, readable_shards))
-    bad = len(rejects) - unreadable + unreadable * per_shard
-    return bad / max(1.0, rows + bad)
+    readable shard holds on average (at least 1); samples lost after a truncation are unknown
+    (`pipeline.samples.bad_fraction`: the rule of every stage's max_bad_fraction)."""
+    return samples.bad_fraction(rows, rejects, readable_shards)
 
 
 # ----------------------------------------------------------------------------- shard keys
@@ -522,190 +510,30 @@ class _Progress:
                 print(f"[cache] progress unavailable: {type(e).__name__}: {e}", flush=True)
 
 
-# ----------------------------------------------------------------------------- step 2: tolerant tar reader
+# ----------------------------------------------------------------------------- step 2: read
 
-_KEY_EXT = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # webdataset's split: key = path up to the first dot
-_BLOCK = 512
 READ_ROWS_PER_BLOCK = 64
 
 
-@dataclass
-class Run:
-    """A contiguous run of tar members with the same key (one sample, if the tar is well formed)."""
-    key: str
-    members: dict[str, tarfile.TarInfo] = field(default_factory=dict)
-    start: int = 0  # offset of its first header
-    end: int = 0  # offset after its last member's (padded) data
-    duplicate: bool = False
-
-
-@dataclass
-class Scan:
-    runs: list[Run]
-    faults: list[tuple[int, str, str]]  # (offset, reason, detail) of tar-level faults
-    truncated_members: set[str]  # names of members whose data runs past the end of the file
-
-
-def scan_tar(fileobj, size: int) -> Scan:
-    """Walk a tar's headers (seeking over the data) and find the samples and the faults.
-
-    `ignore_zeros=True` makes tarfile step over blocks that are not valid headers one at a time,
-    so it resynchronises on the next good header after a corrupt region; the regions skipped are
-    found afterwards as non-zero gaps between members.
-    """
-    members: list[tarfile.TarInfo] = []
-    faults: list[tuple[int, str, str]] = []
-    stopped = None
-    try:
-        tar = tarfile.open(fileobj=fileobj, mode="r:", ignore_zeros=True)
-        for m in tar:
-            members.append(m)
-    except Exception as e:  # a truncated header or data, a bad extended header: keep what came before
-        stopped = f"{type(e).__name__}: {e}"
-    truncated: set[str] = set()
-    pos = 0
-    for m in members:
-        if m.offset > pos and not _zeros(fileobj, pos, m.offset):
-            faults.append((pos, "corrupt_tar", f"{m.offset - pos} bytes that are not tar headers at offset {pos}"))
-        if m.offset_data + m.size > size:
-            truncated.add(m.name)
-            faults.append((m.offset, "truncated_tar", f"member {m.name!r} ends past the end of the file "
-                                                      f"({size} bytes)"))
-        pos = max(pos, m.offset_data + (m.size + _BLOCK - 1) // _BLOCK * _BLOCK)
-    # What follows the last member: a tar ends with zero blocks (two, padded to a record).
-    if not truncated:
-        if pos >= size:  # cut exactly after a member: whatever followed is gone
-            faults.append((pos, "truncated_tar", f"ends right after a member at offset {pos}, without "
-                                                 f"end-of-archive blocks"))
-        elif stopped is not None or not _zeros(fileobj, pos, size):
-            # A partial header (the file was cut inside it) or bytes that are not headers.
-            reason = "truncated_tar" if members and (size % _BLOCK or stopped) else "corrupt_tar"
-            where = f"after the last member at offset {pos}" if members else "of the file"
-            faults.append((pos, reason, stopped or f"{size - pos} bytes {where} are not tar headers"))
-
-    runs: list[Run] = []
-    for m in members:
-        match = _KEY_EXT.match(m.name)
-        if not m.isreg() or not match:
-            continue
-        key, ext = match.group(1), match.group(2).lower()
-        if not runs or runs[-1].key != key:
-            runs.append(Run(key, start=m.offset))
-        run = runs[-1]
-        if m.name in truncated:  # the sample is there, its cut member is not
-            run.end = size
-            continue
-        run.duplicate |= ext in run.members
-        run.members.setdefault(ext, m)
-        run.end = m.offset_data + (m.size + _BLOCK - 1) // _BLOCK * _BLOCK
-    return Scan(runs, faults, truncated)
-
-
-def _zeros(f, start: int, end: int) -> bool:
-    f.seek(start)
-    left = end - start
-    while left > 0:
-        chunk = f.read(min(left, 1 << 20))
-        if not chunk:
-            return True  # past the end of the file: checked by the caller
-        if chunk.strip(b"\0"):
-            return False
-        left -= len(chunk)
-    return True
-
-
-def judge_runs(scan: Scan, url: str) -> tuple[list[Run], list[dict]]:
-    """The good samples of a scanned shard and one reject entry per bad one (or per fault that
-    took no sample with it). A fault is blamed on the incomplete sample next to it, if any."""
-    rejected: dict[str, dict] = {}
-
-    def reject(key: str, reason: str, detail: str) -> None:
-        rejected.setdefault(key, {"url": url, "key": key, "reason": reason, "detail": detail})
-
-    def complete(run: Run) -> bool:
-        return any(e in run.members for e in IMAGE_EXTS) and CAPTION_EXT in run.members
-
-    for offset, reason, detail in scan.faults:
-        before = [r for r in scan.runs if r.end <= offset or r.start <= offset < r.end]
-        after = [r for r in scan.runs if r.start >= offset]
-        near = ([before[-1]] if before else []) + ([after[0]] if after else [])
-        blamed = [r for r in near if not complete(r) and r.key not in rejected]
-        for r in blamed:
-            reject(r.key, reason, detail)
-        if not blamed:
-            reject(f"{url}@{offset}", reason, detail)
-    seen: dict[str, int] = {}
-    for r in scan.runs:
-        seen[r.key] = seen.get(r.key, 0) + 1
-    good = []
-    for r in scan.runs:
-        if r.key in rejected:
-            continue
-        if seen[r.key] > 1:
-            reject(r.key, "non_contiguous", f"members of {r.key!r} are in {seen[r.key]} separate places in the tar")
-        elif r.duplicate:
-            reject(r.key, "duplicate_member", f"members {sorted(r.members)} with a repeated extension")
-        elif not any(e in r.members for e in IMAGE_EXTS):
-            reject(r.key, "missing_image", f"members {sorted(r.members)}")
-        elif CAPTION_EXT not in r.members:
-            reject(r.key, "missing_caption", f"members {sorted(r.members)}")
-        else:
-            good.append(r)
-    return good, list(rejected.values())
-
-
-@contextmanager
-def _local_file(url: str) -> Iterator[tuple[Any, int]]:
-    """(seekable file, size) of a shard: a local path directly, a remote URI copied to a temp file."""
-    if "://" not in url:
-        with open(url, "rb") as f:
-            yield f, os.fstat(f.fileno()).st_size
-        return
-    import pyarrow.fs as pafs
-
-    fs, path = pafs.FileSystem.from_uri(url)
-    with tempfile.TemporaryFile() as tmp:
-        with fs.open_input_stream(path) as src:
-            while chunk := src.read(8 << 20):
-                tmp.write(chunk)
-        size = tmp.tell()
-        tmp.seek(0)
-        yield tmp, size
-
-
 def read_shard(url: str, shard_key: str) -> Iterator[tuple[list[dict], list[dict]]]:
-    """(samples, rejects) in chunks: samples are {key, shard_key, prompt, image, image_ext} with the
-    image bytes undecoded. Never raises: a shard that cannot be read is one `unreadable_shard`
-    reject (its samples already yielded are dropped by the caller, which does not commit it)."""
-    try:
-        with _local_file(url) as (f, size):
-            scan = scan_tar(f, size)
-            good, rejects = judge_runs(scan, url)
-            yield [], rejects
-            rows: list[dict] = []
-            for run in good:
-                caption = run.members[CAPTION_EXT]
-                f.seek(caption.offset_data)
-                try:
-                    prompt = f.read(caption.size).decode("utf-8").strip()
-                except UnicodeDecodeError as e:
-                    yield [], [{"url": url, "key": run.key, "reason": "bad_caption", "detail": str(e)}]
-                    continue
-                if not prompt:
-                    yield [], [{"url": url, "key": run.key, "reason": "empty_caption", "detail": ""}]
-                    continue
-                ext = next(e for e in IMAGE_EXTS if e in run.members)
-                image = run.members[ext]
-                f.seek(image.offset_data)
-                rows.append({"key": run.key, "shard_key": shard_key, "prompt": prompt,
-                             "image": f.read(image.size), "image_ext": ext})
-                if len(rows) >= READ_ROWS_PER_BLOCK:
-                    yield rows, []
-                    rows = []
-            if rows:
-                yield rows, []
-    except Exception as e:  # OSError, or anything tarfile raises on bytes it does not expect: not cached, retried
-        yield [], [{"url": url, "key": url, "reason": "unreadable_shard", "detail": f"{type(e).__name__}: {e}"}]
+    """(samples, rejects) in chunks (`pipeline.samples.iter_shard`): samples are {key, shard_key,
+    prompt, image, image_ext} with the image bytes undecoded. Never raises: a shard that cannot be
+    read is one `unreadable_shard` reject (its samples already yielded are dropped by the caller,
+    which does not commit it)."""
+    rows: list[dict] = []
+    for sample, reject in samples.iter_shard(url):
+        if reject is not None:
+            yield [], [reject]
+            if reject["reason"] == "unreadable_shard":
+                return
+            continue
+        rows.append({"key": sample["key"], "shard_key": shard_key, "prompt": sample["prompt"],
+                     "image": sample["image"], "image_ext": sample["image_ext"]})
+        if len(rows) >= READ_ROWS_PER_BLOCK:
+            yield rows, []
+            rows = []
+    if rows:
+        yield rows, []
 
 
 @functools.cache
@@ -757,18 +585,13 @@ def from_numpy(a, dtype: str):
 
 
 def image_tensor(data: bytes):
-    """Image bytes -> upright (EXIF orientation) RGB, centre-cropped to a square, as float32
-    [1, 3, S, S] in [-1, 1] (raises for bytes that are not an image)."""
+    """Image bytes -> upright (EXIF orientation) RGB, centre-cropped to a square
+    (`pipeline.samples.square_image`), as float32 [1, 3, S, S] in [-1, 1] (raises for bytes that
+    are not an image)."""
     import numpy as np
     import torch
-    from PIL import Image, ImageOps
 
-    with Image.open(io.BytesIO(data)) as image:
-        image = ImageOps.exif_transpose(image).convert("RGB")  # camera JPEGs: upright, as diffusers' scripts do
-    side = min(image.size)
-    left, top = (image.width - side) // 2, (image.height - side) // 2
-    if image.size != (side, side):
-        image = image.crop((left, top, left + side, top + side))
+    image = samples.square_image(data)
     pixels = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1).unsqueeze(0)
     return pixels.float() / 127.5 - 1.0
 

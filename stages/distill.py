@@ -50,13 +50,13 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from pipeline.context import StageContext
 
-VERSION = "1"
+VERSION = "2"
 SECTIONS = ("distill", "swd", "teacher")
 STUDENT_DIR = "student"
 SCHEDULE_FILE = "schedule.json"
@@ -75,6 +75,10 @@ INIT_STUDENT_LAYOUTS = (".", STUDENT_DIR, f"artifacts/export/{STUDENT_DIR}")
 
 class Config(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_default=True)
+    # Keys that change how the stage runs, not what it writes: left out of every fingerprint
+    # (pipeline/graph.py), so changing one reuses the committed output or resumes the run.
+    NOT_IN_FINGERPRINT: ClassVar[tuple[str, ...]] = ("log_every", "sample_every", "sample_num_prompts", "max_failures",
+                          "checkpoint_every", "num_checkpoints_to_keep", "storage_path")
 
     # Generator steps (each also makes fake_updates_per_step updates of the fake network).
     num_steps: int = Field(300, ge=1)

@@ -2,8 +2,13 @@
 
 Steps:
 1. Eval set: the first `max_prompts` samples of the eval shards (`shards` stage, `data.eval_shards`):
-   prompt, image (the reference set), json attributes where present. Its fingerprint (keys, prompts,
-   image digests, seeds and batching, metric settings) is what `register` compares champions on.
+   prompt, image (the reference set), json attributes where present, read whole shard by whole
+   shard with the tolerant tar reader, key rule, caption rule and image decoder every stage shares
+   (`pipeline.samples`). Unreadable shards, tar faults, missing / empty / non-UTF-8 captions and
+   images that do not decode are counted rejects (`metrics.json` "reads", MLflow `eval_*`); the
+   stage fails, naming the bad shards, only when their fraction exceeds `max_bad_fraction`. Its
+   fingerprint (keys, prompts, image digests, seeds and batching, metric settings) is what
+   `register` compares champions on.
 2. Generation with Ray Data: the eval prompts in fixed chunks of `batch_size` (one seed per chunk,
    the same chunks and seeds for every generator), one row per (generator, chunk), through
    `map_batches` with the callable class `GenerateActor` on an `ActorPoolStrategy` pool; each actor
@@ -46,13 +51,15 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from pipeline.context import StageContext
+from pipeline.samples import (DEFAULT_MAX_BAD_FRACTION, ShardReads, bad_data_problem, by_reason, decode_image,
+                              read_shards, square_image)
 
-VERSION = "1"
+VERSION = "2"
 SECTIONS = ("evaluate", "teacher")
 METRICS_FILE = "metrics.json"
 REPORT_FILE = "report.md"
@@ -85,11 +92,18 @@ class EvaluateError(ValueError):
 
 class Config(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_default=True)
+    # Keys that change how the stage runs, not what it writes: left out of every fingerprint
+    # (pipeline/graph.py), so changing one reuses the committed output.
+    NOT_IN_FINGERPRINT: ClassVar[tuple[str, ...]] = ("num_actors", "num_cpus_per_actor")
 
     # Also distil and evaluate the full-resolution few-step baseline (the `distill_baseline` stage:
     # the distill stage with every swd scale set to the largest, same sigmas, losses and steps).
     baseline: bool = False
     max_prompts: int | None = Field(None, ge=1)  # null: every eval sample
+    # Fail the stage when more than this fraction of the eval samples read is bad (unreadable shard, bad
+    # tar, missing / empty / non-UTF-8 caption, image that does not decode); as cache.max_bad_fraction,
+    # an unreadable shard counting as an average shard. Below it, bad shards are counted and reported.
+    max_bad_fraction: float = Field(0.01, ge=0, le=1)
     seed: int = 0
     batch_size: int = Field(32, ge=1)  # prompts per generation call, and per timed latency call
     num_actors: int = Field(1, ge=1)
@@ -150,7 +164,7 @@ def run(ctx: StageContext) -> None:
 
     # 1. the eval set
     urls = shard_urls(ctx.inputs["shards"], "eval")
-    samples = read_eval_samples(urls, cfg.max_prompts)
+    samples, reads = read_eval_samples(urls, cfg.max_prompts, cfg.max_bad_fraction)
     prompts = [s["prompt"] for s in samples]
     targets = adherence_targets(samples, cfg.adherence)
 
@@ -231,7 +245,10 @@ def run(ctx: StageContext) -> None:
               "eval_set": eval_set, "generators": generators, "fd_extractor": M.FD_EXTRACTOR,
               "fd_image_side_px": cfg.fd_image_side_px, "image_side_px": side,
               "clip_model": clip_model, "inception_weights": str(inception) if inception else None,
-              "generate_s": round(generate_s, 2), "score_s": round(score_s, 2)}
+              "generate_s": round(generate_s, 2), "score_s": round(score_s, 2),
+              "reads": {"shards_read": reads.shards_read, "unreadable_shards": [e["url"] for e in reads.unreadable],
+                        "rejects_by_reason": by_reason(reads.rejects), "bad_fraction": round(reads.bad_fraction, 6),
+                        "rejects": reads.rejects}}
     (ctx.output_dir / METRICS_FILE).write_text(json.dumps(record, indent=1) + "\n")
     grid_rows = min(cfg.grid_prompts, len(prompts))
     grid = collect_images(generated, list(specs), max_index=grid_rows)
@@ -243,12 +260,14 @@ def run(ctx: StageContext) -> None:
 
     _log(mlc, ctx.run_id, values, {"fd_extractor": M.FD_EXTRACTOR, "eval_set_fingerprint": eval_set["fingerprint"],
                                    "eval_num_prompts": str(len(prompts))})
+    _log(mlc, ctx.run_id, reads.metrics("eval_"), {})
     mlc.log_metric(ctx.run_id, "evaluate_wall_s", time.monotonic() - started)
     for name in OUTPUTS:
         mlc.log_artifact(ctx.run_id, str(ctx.output_dir / name))
     canonical = {k: values[k] for k in CANONICAL_METRICS if k in values}
     ctx.summary.update({"parent_metrics": canonical, "eval_set_fingerprint": eval_set["fingerprint"],
-                        "num_prompts": len(prompts)})
+                        "num_prompts": len(prompts), "eval_unreadable_shards": len(reads.unreadable),
+                        "eval_rejects": len(reads.rejects)})
     print("[evaluate] " + ", ".join(f"{k} {v:.4g}" for k, v in canonical.items()), flush=True)
 
 
@@ -292,32 +311,35 @@ def _describe(spec: "GeneratorSpec", timing: dict) -> dict:
 # ----------------------------------------------------------------------------- step 1: the eval set
 
 
-def read_eval_samples(urls: list[str], max_prompts: int | None) -> list[dict]:
-    """The first `max_prompts` eval samples in shard order: key, prompt, image bytes, attributes (or None)."""
-    import webdataset as wds
-
+def read_eval_samples(urls: list[str], max_prompts: int | None, max_bad_fraction: float = DEFAULT_MAX_BAD_FRACTION
+                      ) -> tuple[list[dict], ShardReads]:
+    """(the first `max_prompts` eval samples in shard order: key, prompt, image bytes, attributes or
+    None; what was read: `pipeline.samples.ShardReads`). Shards are read whole, by the reader every
+    stage shares; a reference image that does not decode is a `not_image` reject. Raises when more
+    than `max_bad_fraction` of the samples read is bad (naming the bad shards), or too few are left."""
     if not urls:
         raise EvaluateError("evaluate: no eval prompts: the shards stage lists no eval shard (data.eval_shards)")
-    samples: list[dict] = []
-    for sample in wds.WebDataset(urls, shardshuffle=False, empty_check=False):
-        key = next((k for k in ("png", "jpg", "jpeg", "webp") if k in sample), None)
-        where = f"sample {sample.get('__key__')!r} of {sample.get('__url__')!r}"
-        if "txt" not in sample or not sample["txt"].strip():
-            raise EvaluateError(f"evaluate: eval {where} has no prompt (txt member; members: {sorted(sample)})")
-        if key is None:
-            raise EvaluateError(f"evaluate: eval {where} has no png/jpg/webp image; the eval set's images are the "
-                                f"reference set of the Frechet distance (members: {sorted(sample)})")
-        samples.append({"key": sample["__key__"], "prompt": sample["txt"].decode().strip(), "image": sample[key],
-                        "attributes": json.loads(sample["json"]) if "json" in sample else None})
-        if max_prompts is not None and len(samples) >= max_prompts:
-            break
+    def check_image(data: bytes) -> None:  # raises for bytes that are not an image; the bytes are kept
+        square_image(data)
+
+    reads = read_shards(urls, members=("json",), decode=check_image, max_samples=max_prompts)
+    if reads.rejects:
+        print(f"[evaluate] {len(reads.rejects)} reject(s) in {reads.shards_read} eval shard(s) read "
+              f"{by_reason(reads.rejects)}, {len(reads.unreadable)} unreadable; bad fraction "
+              f"{reads.bad_fraction:.2%}", flush=True)
+    problem = bad_data_problem("evaluate", "eval samples read", reads.bad_fraction, max_bad_fraction, reads.rejects,
+                               "evaluate.max_bad_fraction")
+    if problem:
+        raise EvaluateError(problem)
+    samples = [{"key": s["key"], "prompt": s["prompt"], "image": s["image"],
+                "attributes": json.loads(s["json"]) if s["json"] is not None else None} for s in reads.samples]
     if not samples:
         raise EvaluateError(f"evaluate: no eval prompts: the eval shards ({len(urls)}: {', '.join(urls[:3])}) hold "
                             f"no samples")
     if len(samples) < 2:
         raise EvaluateError(f"evaluate: 1 eval prompt; the Frechet distance needs at least 2 (evaluate.max_prompts "
                             f"and the eval shards decide how many are used)")
-    return samples
+    return samples, reads
 
 
 def adherence_targets(samples: list[dict], mode: str) -> list | None:
@@ -349,17 +371,9 @@ def adherence_targets(samples: list[dict], mode: str) -> list | None:
 
 
 def decode_reference(data: bytes, side: int):
-    """A reference image as the generators' output size: RGB, centre crop to a square, bicubic resize."""
-    import numpy as np
-    from PIL import Image
-
-    image = Image.open(io.BytesIO(data)).convert("RGB")
-    s = min(image.size)
-    left, top = (image.width - s) // 2, (image.height - s) // 2
-    image = image.crop((left, top, left + s, top + s))
-    if image.size != (side, side):
-        image = image.resize((side, side), Image.BICUBIC)
-    return np.asarray(image)
+    """A reference image as the generators' output size: upright RGB, centre crop to a square, bicubic
+    resize (`pipeline.samples.decode_image`, the image decoder of every stage): uint8 [side, side, 3]."""
+    return decode_image(data, side)
 
 
 def eval_set_identity(samples: list[dict], cfg: Config, inception) -> dict:

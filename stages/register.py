@@ -11,7 +11,8 @@ Steps:
    the diffusers SD3 components and the scale-wise sampler of SWD.md section 3. Logged under the
    stage's run as `student/`, then registered as a new version of `register.model_name`, tagged with
    the eval-set fingerprint, every canonical metric (`metric.<name>`) and the source runs.
-3. Promotion: the version takes the `register.alias` ("champion") alias only if
+3. Promotion: the version takes the `register.alias` ("champion") alias only if its metric is finite
+   (a NaN / inf candidate never promotes, whatever else holds) and
    - there is no champion yet (first version ever), or
    - it beats the champion on `register.metric` by more than `register.tolerance` (lower is better
      for FD/FID/latency, higher for adherence/CLIP score/speedup), measured on the same eval set
@@ -37,7 +38,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from pipeline.context import StageContext
 
-VERSION = "1"
+VERSION = "2"
 SECTIONS = ("register", "teacher")
 RESULT_FILE = "registration.json"
 OUTPUTS = (RESULT_FILE,)
@@ -212,7 +213,11 @@ def _version_exists(mlc, name: str, version: str) -> bool:
 
 def decide(candidate: float, fingerprint: str, champion: dict | None, cfg: Config,
            higher_is_better: bool) -> tuple[bool, str]:
-    """(promote, reason). Better by more than `tolerance` on the same eval set wins the alias."""
+    """(promote, reason). A non-finite candidate never wins the alias (not as the first version, not on
+    another eval set); otherwise the first version does, and one better by more than `tolerance` on the
+    same eval set."""
+    if not math.isfinite(candidate):  # before every other rule: NaN compares false, +-inf looks infinitely better
+        return False, f"{cfg.metric} = {candidate} is not finite: a non-finite metric is never promoted"
     if champion is None:
         return True, f"first version with {cfg.alias!r}: no champion yet ({cfg.metric} = {candidate:.6g})"
     raw = champion["tags"].get(METRIC_TAG_PREFIX + cfg.metric)
@@ -227,8 +232,6 @@ def decide(candidate: float, fingerprint: str, champion: dict | None, cfg: Confi
         if cfg.eval_set_mismatch == "promote":
             return True, f"{where}; register.eval_set_mismatch is 'promote'"
         return False, f"{where}: not comparable (register.eval_set_mismatch is 'keep_champion')"
-    if not math.isfinite(candidate):
-        return False, f"{cfg.metric} = {candidate} is not finite"
     gain = candidate - best if higher_is_better else best - candidate
     direction = "higher" if higher_is_better else "lower"
     verdict = (f"{cfg.metric} {candidate:.6g} vs champion version {champion['version']} {best:.6g} "

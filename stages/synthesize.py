@@ -5,12 +5,18 @@ images. This stage runs when the data is the user's (`data.train_shards` or `dat
 with the generated shapes dataset it is disabled and the cache reads the `shards` stage directly.
 
 Steps:
-1. Prompts. Each train shard is judged by its first sample: a `txt` and no image member makes it a
-   prompt-only shard, whose prompts are read here; an image shard passes through unchanged. The
-   prompt file `data.prompts` (`.txt`: one prompt per line; `.parquet` / `.csv`: the column
-   `data.prompt_column`) adds more. Empty prompts are skipped and counted; a prompt longer than the
-   teacher's CLIP token limit is truncated by the text encoders (counted, and flagged in its json)
-   or skipped (`long_prompts`). No prompt at all is an error.
+1. Prompts. Each train shard is judged by its first sample (`shard_kind`, WebDataset's key rule of
+   `pipeline.samples`): a `txt` and no image member makes it a prompt-only shard, whose prompts are
+   read here with the tolerant tar reader and caption rule every stage shares
+   (`pipeline.samples.read_shards`: tar faults, empty and non-UTF-8 captions are counted rejects);
+   an image shard passes through unchanged. A shard whose first sample cannot be read is left out
+   of the output, its rejects counted as the cache counts them. The stage fails, naming the bad
+   shards, only when the bad fraction (`pipeline.samples.bad_fraction`, an image shard counting as
+   an average shard) exceeds `max_bad_fraction`. The prompt file `data.prompts` (`.txt`: one
+   prompt per line; `.parquet` / `.csv`: the column `data.prompt_column`) adds more. Empty prompts
+   of the file are skipped and counted; a prompt longer than the teacher's CLIP token limit is
+   truncated by the text encoders (counted, and flagged in its json) or skipped (`long_prompts`).
+   No prompt at all is an error.
 2. Plan. `images_per_prompt` samples per prompt, each with its own seed derived from
    (`seed`, prompt, image index): the same prompt and seed give the same image wherever it sits.
    Samples go in fixed chunks of `prompts_per_shard` prompts per source; each output shard is
@@ -24,8 +30,9 @@ Steps:
 4. The driver writes each shard (`png`, `txt`, `json` with seed and sampler settings, members of a
    sample contiguous) as soon as all of its samples are back: to a temporary name, then renamed.
 5. Output: `shards.json` in the `shards` stage's format (train: the image shards as given, then the
-   generated shards; eval unchanged), `synthesize.json` (counts, settings, per-source shards),
-   `skipped.jsonl` and `samples.png`; images/s and progress go to the stage's MLflow run.
+   generated shards; eval unchanged), `synthesize.json` (counts, settings, per-source shards, the
+   unreadable shards and the bad fraction), `skipped.jsonl` (skipped prompts and every reject of
+   the shards read) and `samples.png`; images/s, rejects and progress go to the stage's MLflow run.
 """
 
 from __future__ import annotations
@@ -38,24 +45,22 @@ import os
 import tarfile
 import time
 import uuid
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from pipeline import samples
 from pipeline.context import StageContext
 
-VERSION = "1"
+VERSION = "2"
 SECTIONS = ("synthesize", "data", "teacher")
 SUMMARY_FILE = "synthesize.json"
 SKIPPED_FILE = "skipped.jsonl"
 GRID_FILE = "samples.png"
 OUTPUTS = ("shards.json", SUMMARY_FILE, SKIPPED_FILE, GRID_FILE)
 FORMAT_VERSION = 1  # of the generated shards' members; part of every shard name
-IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
-TEXT_EXTS = ("txt",)
 FILE_FORMATS = (".txt", ".parquet", ".csv")
 
 
@@ -65,6 +70,9 @@ class SynthesizeError(ValueError):
 
 class Config(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_default=True)
+    # Keys that change how the stage runs, not what it writes: left out of every fingerprint
+    # (pipeline/graph.py), so changing one reuses the committed output.
+    NOT_IN_FINGERPRINT: ClassVar[tuple[str, ...]] = ("num_actors", "num_cpus_per_actor")
 
     images_per_prompt: int = Field(1, ge=1)
     num_steps: int = Field(28, ge=1)  # the teacher's Euler steps on its own shifted grid
@@ -77,6 +85,10 @@ class Config(BaseModel):
     num_actors: int = Field(1, ge=1)
     num_cpus_per_actor: float = Field(2.0, gt=0)
     num_gpus_per_actor: float | None = Field(None, ge=0)  # null: 1 when the Ray cluster has GPUs
+    # Fail the stage when more than this fraction of the train samples read is bad (unreadable shard,
+    # bad tar, empty or non-UTF-8 caption); as cache.max_bad_fraction, an unreadable shard counting
+    # as an average shard. Below it, each bad shard is counted and reported and the run carries on.
+    max_bad_fraction: float = Field(0.01, ge=0, le=1)
 
 
 def enabled(cfg) -> bool:
@@ -114,11 +126,42 @@ def run(ctx: StageContext) -> None:
     listing = json.loads((Path(ctx.inputs["shards"]) / SHARDS_FILE).read_text())
     train_urls = shard_urls(ctx.inputs["shards"], "train")
     passthrough, sources, skipped = [], [], []
+    read_rejects: list[dict] = []  # of the train shards: unreadable shards, bad tar members, bad captions
+    unreadable: list[str] = []  # shards left out: not even a first sample could be read
+    shard_prompts = counted = 0  # prompts of the prompt-only shards; shards whose samples were all counted
     for url, entry in zip(train_urls, listing["train"]):
-        if is_prompt_only(url):
-            sources.append(PromptSource(url, read_prompt_shard(url)))
-        else:
+        kind, rejects = shard_kind(url)
+        if kind == "prompts":
+            prompts, rejects = read_prompt_shard(url)
+            if any(e["reason"] == "unreadable_shard" for e in rejects):
+                kind = "unreadable"
+            else:
+                sources.append(PromptSource(url, prompts))
+                shard_prompts += len(prompts)
+        elif kind == "images":
             passthrough.append({**entry, "url": url})
+        read_rejects += rejects
+        if kind == "unreadable":
+            unreadable.append(url)
+        # read whole (as the cache counts shards): prompt-only ones, and bad ones with the reader's rejects
+        counted += kind != "images" and not any(e["reason"] == "unreadable_shard" for e in rejects)
+    skipped += [{"source": e["url"], "key": e["key"], "reason": e["reason"], "detail": e["detail"]}
+                for e in read_rejects]
+    bad_fraction = samples.bad_fraction(shard_prompts, read_rejects, counted, len(passthrough))
+    read_metrics = {"train_shards": len(train_urls), "unreadable_shards": len(unreadable),
+                    "rejects": len(read_rejects), "bad_fraction": bad_fraction,
+                    **{f"rejects_{r}": n for r, n in samples.by_reason(read_rejects).items()}}
+    if read_rejects:
+        print(f"[synthesize] {len(read_rejects)} reject(s) in the train shards "
+              f"{samples.by_reason(read_rejects)}, {len(unreadable)} unreadable shard(s)"
+              + (f" ({', '.join(unreadable[:5])}{', ...' if len(unreadable) > 5 else ''}) left out" if unreadable
+                 else "") + f"; bad fraction {bad_fraction:.2%}", flush=True)
+    problem = samples.bad_data_problem("synthesize", "train samples read", bad_fraction, cfg.max_bad_fraction,
+                                       read_rejects, "synthesize.max_bad_fraction")
+    if problem:
+        for k, v in read_metrics.items():
+            mlc.log_metric(ctx.run_id, k, float(v))
+        raise SynthesizeError(problem)
     if data.prompts is not None:
         sources.append(PromptSource(data.prompts, read_prompt_file(data.prompts, data.prompt_column)))
     for source in sources:
@@ -181,11 +224,14 @@ def run(ctx: StageContext) -> None:
                "images": sum(len(s.samples) for s in shards), "shards": len(shards),
                "shards_generated": len(missing), "shards_reused": len(shards) - len(missing),
                "image_shards_passed_through": len(passthrough), "sampler": sampler,
-               "images_per_s": round(rate, 3) if rate else None}
+               "images_per_s": round(rate, 3) if rate else None,
+               "train_shards": len(train_urls), "unreadable_shards": unreadable,
+               "rejects_by_reason": samples.by_reason(read_rejects), "bad_fraction": round(bad_fraction, 6)}
     (ctx.output_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=1) + "\n")
     save_sample_grid(ctx.output_dir / GRID_FILE, shards)
     metrics = {k: float(summary[k]) for k in ("prompts", "skipped", "truncated", "images", "shards",
                                               "shards_generated", "shards_reused")}
+    metrics.update({k: float(v) for k, v in read_metrics.items()})
     metrics["synthesize_wall_s"] = time.monotonic() - started
     if rate:
         metrics["images_per_s"] = rate
@@ -194,7 +240,8 @@ def run(ctx: StageContext) -> None:
     for name in OUTPUTS:
         mlc.log_artifact(ctx.run_id, str(ctx.output_dir / name))
     ctx.summary.update({k: summary[k] for k in ("prompts", "skipped", "truncated", "images", "shards_generated",
-                                                "shards_reused")})
+                                                "shards_reused", "bad_fraction")})
+    ctx.summary["unreadable_shards"] = len(unreadable)
     print(f"[synthesize] {summary['images']} image(s) in {len(shards)} shard(s) ({len(missing)} generated"
           + (f", {rate:.2f} images/s" if rate else "") + f"); {len(skipped)} prompt(s) skipped "
           f"{summary['skipped_by_reason'] or ''}, {truncated} truncated", flush=True)
@@ -223,46 +270,52 @@ class PromptSource:
     prompts: list[Prompt]
 
 
-def is_prompt_only(url: str) -> bool:
-    """Whether a shard's first sample has a caption and no image (read up to the second sample only).
-    A shard that cannot be read even that far is an error naming it."""
-    members = set()
-    with _reading(url, "train shard") as tar:
-        first = None
-        for info in tar:
-            if not info.isfile():
-                continue
-            key, _, ext = info.name.partition(".")  # webdataset: the key ends at the first dot of the name
-            if first is None:
-                first = key
-            if key != first:
-                break
-            members.add(ext.lower())
-    return bool(members & set(TEXT_EXTS)) and not members & set(IMAGE_EXTS)
+def shard_kind(url: str) -> tuple[str, list[dict]]:
+    """("prompts", []) when a shard's first sample has a caption and no image, ("images", []) when
+    not, ("unreadable", rejects) when not even its first sample can be read.
 
-
-def read_prompt_shard(url: str) -> list[Prompt]:
-    """The `txt` of every sample of a prompt-only shard (other members ignored)."""
-    prompts = []
-    with _reading(url, "prompt-only shard") as tar:
-        for info in tar:
-            key, _, ext = info.name.partition(".")
-            if info.isfile() and ext.lower() == "txt":
-                raw = tar.extractfile(info).read()
-                prompts.append(Prompt(key, raw.decode("utf-8", errors="replace").strip()))
-    return prompts
-
-
-@contextmanager
-def _reading(url: str, what: str):
-    """A streamed tar of a local path or URI; any read fault becomes a SynthesizeError naming the shard
-    (prompts are not skipped silently: the user fixes or removes the shard)."""
+    Streams the shard up to its second sample only (an image shard is the cache's to read, so a
+    remote one is not downloaded here), splitting member names by WebDataset's key rule
+    (`pipeline.samples.split_member`). When the stream breaks before the first sample is known
+    whole, the tolerant reader (`pipeline.samples.scan_tar`) looks at the shard as the cache would:
+    its first sample decides; a shard where it finds none is unreadable, and its rejects are the
+    reader's (as the cache counts them: bytes that are not a tar are one `corrupt_tar`, a shard that
+    cannot be opened one `unreadable_shard`)."""
+    members: set[str] = set()
     try:
         with _open(url) as f, tarfile.open(fileobj=f, mode="r|*") as tar:
-            yield tar
-    except (tarfile.TarError, OSError, EOFError) as e:
-        raise SynthesizeError(f"synthesize: {what} {url} cannot be read ({type(e).__name__}: {e}); fix or remove "
-                              f"it from data.train_shards") from e
+            first = None
+            for info in tar:
+                split = samples.split_member(info.name)
+                if not info.isfile() or split is None:
+                    continue
+                if first is None:
+                    first = split[0]
+                if split[0] != first:
+                    break
+                members.add(split[1])
+    except Exception as e:  # tarfile, OSError, EOFError: whatever a stream of bad bytes raises
+        unreadable = {"url": url, "key": url, "reason": "unreadable_shard", "detail": f"{type(e).__name__}: {e}"}
+        try:
+            with samples.local_file(url) as (f, size):
+                scan = samples.scan_tar(f, size)
+        except Exception:  # cannot even be opened: the stream's error says why
+            return "unreadable", [unreadable]
+        runs = [r for r in scan.runs if r.members]
+        if not runs:
+            return "unreadable", samples.judge_runs(scan, url)[1] or [unreadable]
+        members = set(runs[0].members)
+    has_caption, has_image = samples.CAPTION_EXT in members, bool(members & set(samples.IMAGE_EXTS))
+    return ("prompts" if has_caption and not has_image else "images"), []
+
+
+def read_prompt_shard(url: str) -> tuple[list[Prompt], list[dict]]:
+    """The caption of every sample of a prompt-only shard (other members ignored) and the rejects,
+    by the reader and caption rule every stage shares (`pipeline.samples.read_shards`): tar faults,
+    missing, empty and non-UTF-8 captions are rejects; a shard that cannot be read gives no prompt
+    and one `unreadable_shard` reject."""
+    reads = samples.read_shards([url], require_image=False)
+    return [Prompt(s["key"], s["prompt"]) for s in reads.samples], reads.rejects
 
 
 def read_prompt_file(spec: str, column: str) -> list[Prompt]:
@@ -381,12 +434,12 @@ def plan_shards(sources: list[PromptSource], cfg: Config, sampler: dict, shared:
     for source in sources:
         tag = hashlib.sha256(source.name.encode()).hexdigest()[:8]
         for first in range(0, len(source.prompts), cfg.prompts_per_shard):
-            samples = [{"key": f"{tag}_{p.key}_{j}", "prompt": p.text, "image_index": j,
-                        "seed": sample_seed(cfg.seed, p.text, j), "truncated": p.truncated}
-                       for p in source.prompts[first:first + cfg.prompts_per_shard]
-                       for j in range(cfg.images_per_prompt)]
-            name = hashlib.sha256(json.dumps([FORMAT_VERSION, sampler, samples], sort_keys=True).encode())
-            shards.append(PlannedShard(shared / f"synth-{name.hexdigest()[:20]}.tar", source.name, samples))
+            chunk = [{"key": f"{tag}_{p.key}_{j}", "prompt": p.text, "image_index": j,
+                      "seed": sample_seed(cfg.seed, p.text, j), "truncated": p.truncated}
+                     for p in source.prompts[first:first + cfg.prompts_per_shard]
+                     for j in range(cfg.images_per_prompt)]
+            name = hashlib.sha256(json.dumps([FORMAT_VERSION, sampler, chunk], sort_keys=True).encode())
+            shards.append(PlannedShard(shared / f"synth-{name.hexdigest()[:20]}.tar", source.name, chunk))
     return shards
 
 
@@ -480,15 +533,13 @@ def write_shard(shard: PlannedShard, pngs: dict[int, bytes], sampler: dict) -> N
 def save_sample_grid(path: Path, shards: list[PlannedShard], count: int = 16) -> None:
     """The first `count` generated images, 8 per row (a blank tile when there are none)."""
     import numpy as np
-    import webdataset as wds
     from PIL import Image
-
-    from stages.evaluate import decode_png
 
     images = []
     for shard in shards:
-        for sample in wds.WebDataset(str(shard.path), shardshuffle=False, empty_check=False):
-            images.append(decode_png(sample["png"]))
+        for sample, _ in samples.iter_shard(str(shard.path)):  # the shared reader and image decoder
+            if sample is not None:
+                images.append(samples.decode_image(sample["image"]))
             if len(images) >= count:
                 break
         if len(images) >= count:

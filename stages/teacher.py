@@ -7,7 +7,12 @@ Steps:
    is trained. A local directory's file sizes and modification times join the fingerprint.
 2. Otherwise train the embedded tiny bundle (`pipeline/tiny.py`) on the train shards, in one Ray
    task on the CPU:
-   a. decode the train shards into memory (uint8 images, prompts);
+   a. decode the train shards into memory (uint8 images, prompts) with the tolerant tar reader,
+      key rule, caption rule and image decoder every stage shares (`pipeline.samples`: upright
+      RGB, centre crop, bicubic resize); bad shards and samples are counted (MLflow `train_*`,
+      teacher.json) and fail the stage, naming the shards, only above
+      `pipeline.samples.DEFAULT_MAX_BAD_FRACTION` of the samples (the same 1% as
+      `cache.max_bad_fraction`'s default);
    b. VAE: reconstruction MSE + per-dimension KL; then measure the latents' mean and std and
       store them as the VAE's `shift_factor` / `1 / scaling_factor` (as SD3 does);
    c. encode every image once per training side (posterior mean and std; a fresh posterior
@@ -32,19 +37,19 @@ Steps:
 
 from __future__ import annotations
 
-import io
 import json
 import os
-import re
 import time
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from pipeline.context import StageContext
+from pipeline.samples import (DEFAULT_MAX_BAD_FRACTION, bad_data_problem, by_reason, decode_image,
+                              read_shards)
 
-VERSION = "1"
+VERSION = "2"
 SECTIONS = ("teacher",)
 TEACHER_FILE = "teacher.json"
 BUNDLE_DIR = "bundle"
@@ -55,6 +60,11 @@ OUTPUTS = (TEACHER_FILE,)
 
 class Config(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_default=True)
+    # What a pretrained teacher's fingerprint holds; the training knobs below count only when the stage
+    # trains (pretrained null). Never in a fingerprint: CPUs and logging / checkpoint cadence.
+    PRETRAINED_KEYS: ClassVar[tuple[str, ...]] = ("pretrained", "local_files_only", "load_t5", "max_sequence_length",
+                                                  "dtype")
+    NOT_IN_FINGERPRINT: ClassVar[tuple[str, ...]] = ("num_cpus", "log_every_steps", "checkpoint_every_steps")
 
     # Where the teacher lives: a local diffusers directory of an SD3/SD3.5 pipeline (relative paths
     # are relative to the repository root) or a hub id. null: train the embedded tiny teacher.
@@ -68,7 +78,6 @@ class Config(BaseModel):
     # The cache records it; distill refuses a cache made with another.
     max_sequence_length: int | None = Field(None, ge=0)
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    device: str = "cpu"  # cpu | cuda | cuda:N, for the stages that load the teacher
 
     # ---- training the embedded tiny teacher (only when pretrained is null). The defaults are the
     # pipeline.yaml budget (under 8 minutes on an idle 2-core CPU); assets/tiny-teacher used
@@ -106,12 +115,11 @@ class Config(BaseModel):
     grid_samples_per_prompt: int = Field(4, ge=1)
     eval_num_prompts: int = Field(64, ge=0)  # 0: no oracle scores
 
-    @field_validator("device")
-    @classmethod
-    def _device(cls, v: str) -> str:
-        if not re.fullmatch(r"cpu|cuda(:\d+)?", v):
-            raise ValueError(f"teacher.device {v!r} is not supported; valid: cpu, cuda, cuda:N")
-        return v
+    def fingerprint_dump(self) -> dict:
+        """The keys that change this section's results (pipeline/graph.py: section_fingerprint)."""
+        dump = self.model_dump(mode="json")
+        keep = self.PRETRAINED_KEYS if self.pretrained is not None else [k for k in dump if k not in self.NOT_IN_FINGERPRINT]
+        return {k: dump[k] for k in keep}
 
     @field_validator("patch_size")
     @classmethod
@@ -195,8 +203,11 @@ def _train(cfg_dict: dict, train_urls: list[str], eval_urls: list[str], output_d
     log = _Logger(tracking_uri, run_id, scratch / "logged.json")
     started = time.monotonic()
 
-    images, prompts, _ = _read_shards(train_urls, tiny.PIXEL_SIDE)
-    print(f"[teacher] {len(prompts)} train samples from {len(train_urls)} shard(s)", flush=True)
+    images, prompts, _, reads = _read_shards(train_urls, tiny.PIXEL_SIDE)
+    log.metrics(reads.metrics("train_"), 0)
+    print(f"[teacher] {len(prompts)} train samples from {len(train_urls)} shard(s)"
+          + (f"; {len(reads.rejects)} reject(s) {by_reason(reads.rejects)}, {len(reads.unreadable)} unreadable "
+             f"shard(s)" if reads.rejects else ""), flush=True)
     if cfg.init_bundle:  # continue from a trained tiny bundle: its VAE (and latent statistics) as they are
         from diffusers import StableDiffusion3Pipeline
 
@@ -231,39 +242,41 @@ def _train(cfg_dict: dict, train_urls: list[str], eval_urls: list[str], output_d
 
     result: dict = {"train_s": round(train_s, 1), "vae_psnr_db": vae_stats["psnr_db"],
                     "vae_steps": vae_stats["steps"], "steps": flow_stats["steps"],
-                    "final_loss": flow_stats["loss"], "vae_shift_factor": shift, "vae_scaling_factor": scale}
-    _, eval_prompts, eval_attrs = _read_shards(eval_urls, tiny.PIXEL_SIDE, decode_images=False)
+                    "final_loss": flow_stats["loss"], "vae_shift_factor": shift, "vae_scaling_factor": scale,
+                    "train_rejects": len(reads.rejects), "train_unreadable_shards": len(reads.unreadable),
+                    "train_bad_fraction": round(reads.bad_fraction, 6),
+                    "train_rejects_by_reason": by_reason(reads.rejects),
+                    "bad_train_shards": sorted({e["url"] for e in reads.rejects})}
+    _, eval_prompts, eval_attrs, _ = _read_shards(eval_urls, tiny.PIXEL_SIDE, decode_images=False, split="eval")
     result.update(_samples(pipe, eval_prompts, eval_attrs, cfg, Path(output_dir), log))
     result["wall_s"] = round(time.monotonic() - started, 1)
     return result
 
 
-def _read_shards(urls: list[str], side: int, decode_images: bool = True):
-    """Every sample of the shards: uint8 images [N, 3, side, side], prompts, json attributes (or None)."""
+def _read_shards(urls: list[str], side: int, decode_images: bool = True, split: str = "train",
+                 max_bad_fraction: float = DEFAULT_MAX_BAD_FRACTION):
+    """Every sample of the shards, by the reader every stage shares (`pipeline.samples.read_shards`):
+    uint8 images [N, 3, side, side] (upright, centre-cropped, resized; None without
+    `decode_images`), prompts, json attributes (or None), and what was read (`ShardReads`).
+    Raises, naming the bad shards, when more than `max_bad_fraction` of the samples is bad."""
     import numpy as np
     import torch
-    import webdataset as wds
-    from PIL import Image
 
-    images, prompts, attrs = [], [], []
-    for sample in wds.WebDataset(urls, shardshuffle=False, empty_check=False):
-        key = next((k for k in ("png", "jpg", "jpeg", "webp") if k in sample), None)
-        if key is None or "txt" not in sample:
-            raise ValueError(f"shard sample {sample.get('__key__')!r} of {sample.get('__url__')!r} has no "
-                             f"png/jpg/webp image or no txt prompt (members: {sorted(sample)})")
-        prompts.append(sample["txt"].decode())
-        attrs.append(json.loads(sample["json"]) if "json" in sample else None)
-        if decode_images:
-            image = Image.open(io.BytesIO(sample[key])).convert("RGB")
-            if image.size != (side, side):  # centre crop to a square, then resize
-                s = min(image.size)
-                left, top = (image.width - s) // 2, (image.height - s) // 2
-                image = image.crop((left, top, left + s, top + s)).resize((side, side), Image.BICUBIC)
-            images.append(np.asarray(image))
-    if not prompts:
+    reads = read_shards(urls, members=("json",), decode=(lambda data: decode_image(data, side)) if decode_images
+                        else None)
+    problem = bad_data_problem("teacher", f"{split} samples", reads.bad_fraction, max_bad_fraction, reads.rejects,
+                               None, fix=" (the teacher stage has no setting for it; the limit is the default of "
+                                         "cache.max_bad_fraction)")
+    if problem:
+        raise ValueError(problem)
+    if not reads.samples:
         raise ValueError(f"no samples in shards {urls[:3]}")
-    tensor = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous() if decode_images else None
-    return tensor, prompts, attrs
+    prompts = [s["prompt"] for s in reads.samples]
+    attrs = [json.loads(s["json"]) if s["json"] is not None else None for s in reads.samples]
+    tensor = None
+    if decode_images:
+        tensor = torch.from_numpy(np.stack([s["pixels"] for s in reads.samples])).permute(0, 3, 1, 2).contiguous()
+    return tensor, prompts, attrs, reads
 
 
 def _pixels(images_uint8):

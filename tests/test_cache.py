@@ -16,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline import graph, tiny
+from pipeline import graph, samples, tiny
 from pipeline.config import load_config
 from pipeline.context import StageContext
 from pipeline.data import SHARDS_FILE
@@ -409,14 +409,14 @@ def test_tar_faults_at_the_end_and_between_archives(tmp_path):
     path = good_shard(tmp_path / "g.tar", "g", 3)
     data = path.read_bytes()
     with open(path, "rb") as f:
-        scan = cache.scan_tar(f, len(data))
+        scan = samples.scan_tar(f, len(data))
     end = max(r.end for r in scan.runs)
 
     def judge(content: bytes):
         p = tmp_path / "x.tar"
         p.write_bytes(content)
         with open(p, "rb") as f:
-            good, rejects = cache.judge_runs(cache.scan_tar(f, len(content)), "x")
+            good, rejects = samples.judge_runs(samples.scan_tar(f, len(content)), "x")
         return [r.key for r in good], [(e["key"], e["reason"]) for e in rejects]
 
     assert judge(data) == (["g0000", "g0001", "g0002"], [])

@@ -105,3 +105,62 @@ def test_teacher_and_schedule_mismatch_refused_before_work(workdir, overrides, m
     out = run_cli("--dry-run", f"workdir={workdir}", *overrides)
     assert out.returncode == 2
     assert re.search(message, out.stderr), out.stderr
+
+
+def test_t5_settings_the_teacher_cannot_meet_exit_2_naming_the_key(workdir, tmp_path):
+    """T5 asked for from a teacher without one; a T5 length over the tokenizer's limit; a miniature
+    overlay that sets a key outside its allow-list: each refused before Ray starts."""
+    no_t5 = run_cli(f"workdir={workdir}", "teacher.load_t5=true")  # the shipped tiny teacher has no T5
+    assert no_t5.returncode == 2
+    assert "teacher.load_t5: true asks for SD3's T5 encoder, but" in no_t5.stderr
+    assert "has no text_encoder_3/ and tokenizer_3/" in no_t5.stderr
+    profile = ["--config", "cluster/profiles/sd35-medium-4step.yaml", "--config", "cluster/miniature.yaml"]
+    too_long = run_cli(*profile, f"workdir={workdir}", "teacher.max_sequence_length=64", cwd=REPO_ROOT)
+    assert too_long.returncode == 2
+    assert "teacher.max_sequence_length: 64 is over the T5 tokenizer's limit of 32 tokens" in too_long.stderr
+    overlay = tmp_path / "miniature.yaml"
+    overlay.write_text((REPO_ROOT / "cluster" / "miniature.yaml").read_text() + "\ndistill:\n  zero_stage: 0\n")
+    drift = run_cli("--config", "cluster/profiles/sd35-large-4step.yaml", "--config", str(overlay),
+                    f"workdir={workdir}", cwd=REPO_ROOT)
+    assert drift.returncode == 2 and "distill.zero_stage: a miniature overlay" in drift.stderr
+    for out in (no_t5, too_long, drift):
+        assert "Started a local Ray" not in out.stderr
+    assert not (workdir / "mlflow.db").exists()
+
+
+def test_the_tiny_teacher_is_checked_at_the_latent_side_it_trains_at(workdir, tmp_path):
+    """teacher.pretrained=null trains the embedded tiny teacher on tiny.PIXEL_SIDE images (latent side
+    16) whatever data.generator.image_side_px is; with teacher.init_bundle it continues that bundle's
+    own transformer. A schedule or feature block the teacher cannot take exits 2 naming the key, before
+    Ray, shards or teacher training (not in distill, after them)."""
+    from pipeline import tiny
+
+    assert tiny.build_transformer().config.sample_size == 16  # what stages/teacher.py builds and trains
+    tiny_teacher = [f"workdir={workdir}", "teacher.pretrained=null", "data.generator.image_side_px=128", *SMALL_DATA]
+    too_big = [*tiny_teacher, "swd.preset=null", "swd.scales=[16,24]", "swd.boundaries=[0,14]"]
+    dry = run_cli("--dry-run", *too_big)
+    assert dry.returncode == 2, dry.stdout + dry.stderr
+    assert ("swd.scales: [16, 24] has sides [24] larger than the teacher's latent side 16; valid sides are "
+            "multiples of 2 up to 16") in dry.stderr
+    assert "data.generator.image_side_px" in dry.stderr  # says why 128 px images do not make a 32 latent side
+    out = run_cli(*too_big)
+    assert out.returncode == 2 and "larger than the teacher's latent side 16" in out.stderr
+    assert "Started a local Ray" not in out.stderr
+    assert not (workdir / "mlflow.db").exists() and not (workdir / "shards").exists()
+    assert run_cli("--dry-run", *tiny_teacher).returncode == 0  # the tiny preset (sides up to 16) fits
+
+    bundle = [f"teacher.init_bundle={REPO_ROOT / 'assets' / 'tiny-teacher'}", "teacher.num_layers=8"]
+    deeper = run_cli("--dry-run", *tiny_teacher, *bundle, "swd.feature_block=6")
+    assert deeper.returncode == 2, deeper.stdout + deeper.stderr
+    assert "swd.feature_block: 6 is not a block of the teacher, which has 4 blocks" in deeper.stderr
+    missing = run_cli("--dry-run", *tiny_teacher, f"teacher.init_bundle={tmp_path / 'no-bundle'}")
+    assert missing.returncode == 2
+    assert f"teacher.init_bundle {str(tmp_path / 'no-bundle')!r}: no transformer/config.json" in missing.stderr
+
+
+def test_dry_run_lists_the_keys_not_in_each_fingerprint(workdir):
+    out = run_cli("--dry-run", f"workdir={workdir}")
+    assert out.returncode == 0, out.stderr
+    assert ("not in fingerprint: distill.checkpoint_every, distill.num_checkpoints_to_keep, distill.max_failures, "
+            "distill.storage_path, distill.log_every, distill.sample_every, distill.sample_num_prompts") in out.stdout
+    assert "teacher.* except pretrained, local_files_only, load_t5, max_sequence_length, dtype" in out.stdout

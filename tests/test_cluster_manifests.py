@@ -335,7 +335,7 @@ def test_every_profile_fits_the_cluster(profile, where):
     cpu_node_cpus, _, cpu_nodes = types[f"{where}-cpu"]
     total_gpus, total_cpus = gpus_per_node * gpu_nodes, cpus * gpu_nodes + cpu_node_cpus * cpu_nodes
     d = cfg.distill
-    assert d.use_gpu and cfg.teacher.device == "cuda"
+    assert d.use_gpu
     # distill: every Ray Train worker gets its GPUs and CPUs on a GPU node, and CPUs stay free for Ray Data
     assert d.num_workers * d.num_gpus_per_worker <= total_gpus
     per_node = int(gpus_per_node // d.num_gpus_per_worker)

@@ -24,7 +24,7 @@ def test_profile_holds_the_released_recipe(name):
     hub_id, scales, sigmas, guidance, block, global_batch, steps = PROFILES[name]
     cfg = load_config([REPO_ROOT / "cluster" / "profiles" / f"{name}.yaml"])
     t, s, d = cfg.teacher, cfg.swd, cfg.distill
-    assert t.pretrained == hub_id and t.local_files_only and t.dtype == "bfloat16" and t.device == "cuda"
+    assert t.pretrained == hub_id and t.local_files_only and t.dtype == "bfloat16"
     assert s.schedule.scales == scales and s.schedule.sigmas == pytest.approx(sigmas, abs=1e-4)
     assert s.schedule.boundaries == ([0, 4, 7, 12, 14, 18] if len(scales) == 6 else [0, 7, 14, 18])
     assert s.loss.guidance_scale == guidance and s.feature_block == block and s.loss.mode == "full"

@@ -155,6 +155,7 @@ def inputs(tmp_path_factory) -> dict[str, str]:
     return {"cache": str(make_cache(root / "cache", bundle, 24, [8, 10, 12, 16])), "teacher": str(teacher)}
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(1500)
 def test_distill_across_two_nodes_survives_losing_one(cluster, inputs, tmp_path):
     worker = cluster["add_worker"]()

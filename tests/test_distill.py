@@ -176,6 +176,29 @@ def test_zero3_early_exit_trains_the_same_student_as_full_forwards(tmp_path, ray
 # ----------------------------------------------------------------------------- fault tolerance
 
 
+def test_changing_an_operational_key_resumes_the_interrupted_run(tmp_path, ray_local, inputs):
+    """Logging cadence, sample grids, retries and checkpoint retention are not in the fingerprint: a run
+    that died at step 3 and is started again with other values resumes from its step-2 checkpoint."""
+    from pipeline import graph
+
+    base = [*FAST, "distill.num_steps=4", "distill.checkpoint_every=2"]
+    first = base + ["distill.max_failures=0"]
+    second = base + ["distill.max_failures=2", "distill.log_every=2", "distill.sample_every=4",
+                     "distill.sample_num_prompts=2", "distill.num_checkpoints_to_keep=3"]
+    spec = next(s for s in graph.default_stages() if s.name == "distill")
+    fingerprints = [graph.fingerprint(spec, load_config(overrides=o), {"cache": "c", "teacher": "t"})
+                    for o in (first, second)]
+    assert fingerprints[0] == fingerprints[1]
+    changed = graph.fingerprint(spec, load_config(overrides=base + ["distill.lr=2e-3"]), {"cache": "c", "teacher": "t"})
+    assert changed != fingerprints[0]  # a key that changes the result still counts
+    with pytest.raises(RuntimeError, match=r"test hook: failing at step 3"):
+        run_stage(stage_context(tmp_path, inputs, first, fingerprint=fingerprints[0]), hooks={"fail_at_step": 3})
+    ctx = run_stage(stage_context(tmp_path, inputs, second, fingerprint=fingerprints[1]))
+    summary = json.loads((ctx.output_dir / distill.SUMMARY_FILE).read_text())
+    assert summary["steps"] == 4 and summary["attempts"] == 2  # the second attempt, from the checkpoint
+    assert [int(m.step) for m in history(ctx, "progress")] == [4]  # log_every=2 after resuming at step 2
+
+
 def test_a_worker_failure_names_its_cause_in_the_stage_error(tmp_path, ray_local, inputs):
     """Ray Train's own message is a truncated traceback snippet; the stage's error names the exception."""
     ctx = stage_context(tmp_path, inputs, [*FAST, "distill.num_steps=3", "distill.max_failures=0"])

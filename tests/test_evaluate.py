@@ -83,16 +83,24 @@ def context(tmp: Path, cfg: evaluate.Config, inputs: dict, uri: str | None = Non
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory) -> dict[str, Path]:
+    from test_samples import random_tar
+
     root = tmp_path_factory.mktemp("evaluate-inputs")
     teacher = make_teacher_output(root)
     bundle = root / "bundle"
-    return {"shards": make_shards_output(root / "shards", 8), "teacher": teacher,
+    shards = make_shards_output(root / "shards", 8)
+    # a tar of random bytes listed first: counted and reported (FAST allows it), not fatal
+    random_tar(shards / "eval" / "eval-junk.tar")
+    listing = json.loads((shards / "shards.json").read_text())
+    listing["eval"].insert(0, {"url": "eval/eval-junk.tar"})
+    (shards / "shards.json").write_text(json.dumps(listing))
+    return {"shards": shards, "teacher": teacher,
             "distill": make_student_export(root / "distill", bundle, [8, 10, 12, 16]),
             "distill_baseline": make_student_export(root / "baseline", bundle, [16, 16, 16, 16], seed=2)}
 
 
 FAST = dict(max_prompts=6, batch_size=3, latency_warmup_batches=1, latency_repeats=2, fd_image_side_px=64,
-            score_batch_size=8, grid_prompts=3)
+            score_batch_size=8, grid_prompts=3, max_bad_fraction=0.2)
 
 
 @pytest.fixture(scope="module")
@@ -130,6 +138,30 @@ def test_every_canonical_metric_is_logged_and_mirrored(evaluated):
     logged = {a.path for a in mlflow.MlflowClient(evaluated.tracking_uri).list_artifacts(evaluated.run_id)}
     assert logged >= set(evaluate.OUTPUTS)
     assert evaluated.summary["parent_metrics"] == {k: values[k] for k in evaluate.CANONICAL_METRICS}
+
+
+def test_a_bad_eval_shard_is_counted_and_reported_not_fatal(evaluated):
+    """The inputs list a tar of random bytes before the good eval shard: one corrupt_tar reject (1 of
+    9 samples read, under evaluate.max_bad_fraction=0.2) in metrics.json, MLflow and the summary."""
+    record = json.loads((evaluated.output_dir / evaluate.METRICS_FILE).read_text())
+    reads = record["reads"]
+    junk = str(evaluated.inputs["shards"] / "eval" / "eval-junk.tar")
+    assert reads["shards_read"] == 2 and reads["rejects_by_reason"] == {"corrupt_tar": 1}
+    assert [(e["url"], e["key"], e["reason"]) for e in reads["rejects"]] == [(junk, f"{junk}@0", "corrupt_tar")]
+    assert reads["bad_fraction"] == pytest.approx(1 / 9, abs=1e-6)
+    assert record["eval_set"]["num_prompts"] == 6  # the good shard's first 6
+    logged = mlflow.MlflowClient(evaluated.tracking_uri).get_run(evaluated.run_id).data.metrics
+    assert logged["eval_rejects"] == 1 and logged["eval_rejects_corrupt_tar"] == 1 and logged["eval_shards_read"] == 2
+    assert evaluated.summary["eval_rejects"] == 1 and evaluated.summary["eval_unreadable_shards"] == 0
+
+
+def test_too_many_bad_eval_samples_fail_before_any_work_naming_the_shards(tmp_path, inputs):
+    ctx = context(tmp_path, evaluate.Config(max_prompts=6), inputs)  # the default limit, 0.01
+    with pytest.raises(evaluate.EvaluateError, match=r"evaluate: 11\.11% of the eval samples read are bad, more than "
+                                                     r"evaluate\.max_bad_fraction=0\.01 .*eval-junk\.tar \(1 rejected "
+                                                     r"sample\(s\)\)\. Fix or remove the bad shards, or raise "
+                                                     r"evaluate\.max_bad_fraction"):
+        evaluate.run(ctx)
 
 
 def test_artifacts_grid_strip_and_report(evaluated):
@@ -250,7 +282,7 @@ def test_optional_metric_with_a_missing_path_is_skipped_with_a_warning(tmp_path)
 
 def test_adherence_needs_the_shapes_grammar_or_attributes(tmp_path):
     prompts = ["a photo of a cat", "a large red circle in the top on a black background"]
-    samples = evaluate.read_eval_samples(
+    samples, _ = evaluate.read_eval_samples(
         [str(make_shards_output(tmp_path / "s", 2, prompts) / "eval" / "eval-000000.tar")], None)
     with pytest.warns(UserWarning, match=r"1 of 2 eval samples .*'eval-0000000'.* adherence metrics skipped"):
         assert evaluate.adherence_targets(samples, "auto") is None

@@ -108,6 +108,61 @@ def test_sigkilled_stage_is_never_mistaken_for_finished(workdir, toy_env, tmp_pa
     assert not list((workdir / "b").glob(".tmp-*"))
 
 
+def toy_process(workdir, tmp_path, name: str, **env) -> tuple[subprocess.Popen, Path]:
+    """The toy graph (slow stage b) in its own process, as a second user or a cron would start it."""
+    ready = tmp_path / f"ready-{name}"
+    env = {**os.environ, "TOY_READY": str(ready), "PYTHONPATH": f"{REPO_ROOT}{os.pathsep}{REPO_ROOT / 'tests'}",
+           **{k.upper(): str(v) for k, v in env.items()}}
+    proc = subprocess.Popen([sys.executable, str(REPO_ROOT / "tests" / "toy_stages.py"), f"workdir={workdir}"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return proc, ready
+
+
+def wait_for(path: Path, proc: subprocess.Popen, timeout_s: float = 120) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not path.exists():
+        assert proc.poll() is None, proc.stdout.read()
+        assert time.monotonic() < deadline, f"{path} did not appear"
+        time.sleep(0.2)
+
+
+def test_a_failed_or_killed_forced_run_keeps_the_committed_output(workdir, toy_env, tmp_path, monkeypatch):
+    run_toy(workdir, toy_env)
+    b = graph.plan(load_config(overrides=[f"workdir={workdir}"]), toy_graph())[1]
+    committed = graph.read_manifest(b.output_dir)
+    monkeypatch.setenv("TOY_FAIL", "b")
+    rc, ran, _ = run_toy(workdir, toy_env, force=["b"])
+    assert rc == 1 and ran == ["b"]
+    assert graph.read_manifest(b.output_dir) == committed and (b.output_dir / "out.txt").read_text() == "ab"
+    monkeypatch.delenv("TOY_FAIL")
+    # SIGKILLed in the middle of a forced re-run: the old output is still the committed one.
+    proc, ready = toy_process(workdir, tmp_path, "forced", toy_force="b")
+    wait_for(ready, proc)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert graph.read_manifest(b.output_dir) == committed
+    assert graph.plan(load_config(overrides=[f"workdir={workdir}"]), toy_graph())[1].action == "cached"
+    # Killed between the two renames of a forced commit: the old output is put back, then replaced.
+    old = workdir / "b" / f".replaced-{b.fingerprint}-killed"
+    os.rename(b.output_dir, old)
+    rc, ran, _ = run_toy(workdir, toy_env, force=["b"])
+    assert rc == 0 and ran == ["b"] and graph.read_manifest(b.output_dir)["run_id"] != committed["run_id"]
+    assert not list((workdir / "b").glob(".replaced-*")) and not list((workdir / "b").glob(".tmp-*"))
+
+
+def test_two_runs_of_one_fingerprint_serialise_and_the_second_reuses_the_output(workdir, toy_env, tmp_path,
+                                                                                 mlflow_server):
+    """Started together: whichever reaches stage b second waits on its lock (b takes 8 s), then reuses
+    the committed output; every stage runs once and both runs succeed."""
+    procs = [toy_process(workdir, tmp_path, name, toy_sleep_s=8, toy_tracking_uri=mlflow_server)[0]
+             for name in ("first", "second")]
+    outs = [p.communicate(timeout=180)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    assert sorted(toy_env.read_text().split()) == ["a", "b", "c"], "a stage ran twice"
+    waited = [o for o in outs if "is running this fingerprint" in o]
+    assert waited and "b: committed by another run while this one waited for the lock; reusing it" in waited[0]
+
+
 def test_stage_variant_and_disabled_stage(workdir, toy_env):
     """A variant reuses a stage module with replaced sections (like the full-resolution baseline
     distill); a stage disabled by config is not run and its consumers get no such input."""
@@ -147,3 +202,22 @@ def test_the_baseline_variant_is_full_resolution_and_never_warm_started():
     scales = sections["swd"].schedule.scales
     assert len(set(scales)) == 1 and scales[-1] == cfg.swd.schedule.scales[-1]
     assert spec.enabled(cfg) and not spec.enabled(load_config())
+
+
+def test_fingerprints_leave_out_operational_keys_and_a_pretrained_teachers_training_knobs(workdir):
+    def fingerprints(*overrides):
+        cfg = load_config(overrides=[f"workdir={workdir}", *overrides])
+        return {p.name: p.fingerprint for p in graph.plan(cfg, graph.default_stages())}
+
+    base = fingerprints()  # the default names a pretrained teacher (assets/tiny-teacher)
+    operational = ["distill.log_every=3", "distill.sample_every=7", "distill.max_failures=9",
+                   "distill.num_checkpoints_to_keep=5", "distill.storage_path=/tmp/elsewhere",
+                   "distill.checkpoint_every=11", "cache.num_encoders=3", "cache.log_every_s=5",
+                   "evaluate.num_actors=2", "synthesize.num_actors=2", "teacher.num_cpus=1"]
+    assert fingerprints(*operational) == base
+    assert fingerprints("teacher.num_steps=7", "teacher.lr=0.5", "teacher.num_layers=2") == base  # not trained
+    lr = fingerprints("distill.lr=0.001")
+    assert lr["distill"] != base["distill"] and lr["cache"] == base["cache"] and lr["evaluate"] != base["evaluate"]
+    trained = fingerprints("teacher.pretrained=null")
+    assert fingerprints("teacher.pretrained=null", "teacher.num_steps=7")["teacher"] != trained["teacher"]
+    assert fingerprints("teacher.pretrained=null", "teacher.log_every_steps=7") == trained

@@ -173,6 +173,7 @@ def test_the_job_server_refuses_a_wrong_token(ray_head):
     assert ray_cli(ray_head, "list").returncode == 0
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(1800)
 def test_ray_job_submit_runs_the_embedded_default(ray_head, mlflow_server, tmp_path):
     experiment = f"job-submit-{uuid.uuid4().hex[:6]}"

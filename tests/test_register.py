@@ -140,3 +140,17 @@ def test_config_rejects_unknown_metrics():
 
     with pytest.raises(ValidationError, match=r"register\.metric: 'teacher_fd' is not a metric .*valid: .*student_fd"):
         register.Config(metric="teacher_fd")
+
+
+@pytest.mark.parametrize("candidate", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("metric, higher", [("student_fd", False), ("student_adherence", True)])
+def test_a_non_finite_metric_never_promotes(candidate, metric, higher):
+    """Not as the first version, not on another eval set with eval_set_mismatch=promote, not against a
+    champion (where -inf FD or +inf adherence would look infinitely better), not with any tolerance."""
+    champion = {"version": 2, "eval_set_fingerprint": "x", "tags": {f"metric.{metric}": repr(10.0)}, "value": None}
+    promote_anyway = register.Config(metric=metric, eval_set_mismatch="promote", tolerance=-1e30)
+    for fingerprint, champ in [("x", None), ("y", None), ("y", champion), ("x", champion),
+                               ("x", {**champion, "tags": {}})]:
+        ok, why = register.decide(candidate, fingerprint, None if champ is None else dict(champ), promote_anyway, higher)
+        assert not ok, (fingerprint, champ, why)
+        assert why == f"{metric} = {candidate} is not finite: a non-finite metric is never promoted"

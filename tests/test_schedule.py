@@ -388,3 +388,93 @@ def test_dry_run_shows_the_slot_state(env):
     assert "# schedule: slot d1: done (trained, run " in dry("d1").stdout
     bad = dry("no good")
     assert bad.returncode == 2 and "--schedule-slot 'no good': expected 'auto'" in bad.stderr
+
+
+def steal_lease(lease_dir: Path) -> None:
+    """Another run's takeover of the lease (a higher number, live, on another host)."""
+    n = max(int(p.stem) for p in lease_dir.glob("*.json"))
+    (lease_dir / f"{n + 1:012d}.json").write_text(json.dumps(
+        {"owner": "other", "pid": 1, "host": "elsewhere", "expires_at": time.time() + 600}))
+
+
+@pytest.mark.parametrize("lands_in", ["warm_start", "_parent_run"])
+def test_a_lease_lost_outside_the_stages_exits_4_without_recording_the_slot(env, monkeypatch, lands_in):
+    """The renewal thread raises LeaseLost in the main thread wherever it is, not only inside a stage:
+    here while the champion is looked up (before the stages) and right after run_stages returned (the
+    parent run looked up to record the slot under). Either way exit 4, no slot record, no slot_done."""
+    lease_dir = env / "wd" / "schedule" / "lease"
+    real = getattr(schedule, lands_in)
+
+    def steal_then_carry_on(*args, **kwargs):
+        steal_lease(lease_dir)
+        for _ in range(1200):  # the renewal thread notices within ttl/3 and interrupts us
+            time.sleep(0.05)
+        (env / "not-interrupted").touch()
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(schedule, lands_in, steal_then_carry_on)
+    try:
+        rc = run_slot(env, "d1", "schedule.lease_ttl_s=1.5")
+    except KeyboardInterrupt as e:  # LeaseLost is one: pytest would stop the whole session on it
+        pytest.fail(f"the lost lease escaped run_scheduled as {type(e).__name__} instead of exit "
+                    f"{schedule.EXIT_LEASE_LOST}")
+    assert rc == schedule.EXIT_LEASE_LOST
+    assert not (env / "not-interrupted").exists()
+    assert not (env / "wd" / "schedule" / "slots" / "d1.json").exists()
+    assert not (env / "wd" / "schedule" / "last_success.json").exists()
+    assert trained(env) == ([] if lands_in == "warm_start" else ["train-000.tar,train-001.tar"])
+    exp = client(env).get_experiment_by_name("sched")
+    assert exp is None or all("schedule.slot_done" not in r.data.tags for r in runs_of_slot(env, "d1"))
+    assert schedule.Lease(lease_dir, 1.5).current()["owner"] == "other"  # the new holder's, untouched
+
+
+def dead_loopback_url() -> str:
+    with socket.socket() as sock:  # bound, then closed: nothing listens there
+        sock.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{sock.getsockname()[1]}"
+
+
+def test_an_unreachable_registry_is_an_error_not_a_cold_start(env, monkeypatch, capsys):
+    """The tracking store answers (so the start-up reachability check passes) but the model registry
+    (MLFLOW_REGISTRY_URI) is a loopback port nothing listens on: the champion lookup is an error, exit
+    5, one line naming the registry and the model@alias; nothing trains, nothing is recorded for the
+    slot, the lease is released. Once the registry answers, the slot runs (no champion: cold start)."""
+    registry = dead_loopback_url()
+    monkeypatch.setenv("MLFLOW_REGISTRY_URI", registry)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # MLflow's own retries take minutes
+    assert run_slot(env, "d1") == schedule.EXIT_REGISTRY_UNAVAILABLE
+    (line,) = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert line.startswith(f"error: slot d1: the model registry {registry} cannot be reached to look up the "
+                           f"champion swd-student@champion (")
+    assert "nothing is recorded for the slot" in line and "schedule.warm_start=false" in line
+    assert trained(env) == []
+    assert not (env / "wd" / "schedule" / "slots" / "d1.json").exists()
+    exp = client(env).get_experiment_by_name("sched")
+    assert exp is None or runs_of_slot(env, "d1") == []
+    assert schedule.Lease(env / "wd" / "schedule" / "lease", 60).current()["released"] is True
+
+    # The same through the command line: exit 5 and that one line, no traceback.
+    cli_env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS")}
+    cli = subprocess.run([sys.executable, "pipeline/run.py", "--schedule-slot", "d1", *overrides(env)],
+                         cwd=REPO_ROOT, capture_output=True, text=True, timeout=300, env=cli_env)
+    assert cli.returncode == schedule.EXIT_REGISTRY_UNAVAILABLE, cli.stdout + cli.stderr
+    assert f"error: slot d1: the model registry {registry} cannot be reached" in cli.stderr
+    assert "Traceback" not in cli.stderr and trained(env) == []
+
+    monkeypatch.delenv("MLFLOW_REGISTRY_URI")
+    assert run_slot(env, "d1") == 0
+    (parent,) = [r for r in runs_of_slot(env, "d1") if r.data.tags.get("pipeline.kind") == "pipeline"]
+    assert parent.data.tags["schedule.warm_start"] == "no champion yet: trained from the teacher"
+
+
+def test_no_champion_on_a_registry_server_still_cold_starts(env, monkeypatch, mlflow_server):
+    """A registry server that answers "no such registered model", then "no such alias" (a model
+    without a champion yet): no champion, the student trains from the teacher."""
+    monkeypatch.setenv("MLFLOW_REGISTRY_URI", mlflow_server)
+    name = f"sched-cold-{os.getpid()}-{time.time_ns()}"
+    assert run_slot(env, "d1", f"register.model_name={name}") == 0
+    mlflow.MlflowClient(mlflow_server).create_registered_model(name)
+    assert run_slot(env, "d2", f"register.model_name={name}", "schedule.skip_without_new_shards=false") == 0
+    for slot in ("d1", "d2"):
+        (parent,) = [r for r in runs_of_slot(env, slot) if r.data.tags.get("pipeline.kind") == "pipeline"]
+        assert parent.data.tags["schedule.warm_start"] == "no champion yet: trained from the teacher"

@@ -14,6 +14,7 @@ import time
 import types
 from pathlib import Path
 
+import mlflow
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -27,7 +28,7 @@ from pipeline.run import run_stages
 from stages import synthesize
 from stages import teacher as teacher_stage
 from stages.evaluate import Generator, GeneratorSpec, decode_png
-from test_cache import good_shard, write_tar
+from test_cache import good_shard, image_bytes, write_tar
 
 FAST = ["synthesize.num_steps=2", "synthesize.batch_size=4", "synthesize.prompts_per_shard=3",
         "cache.batch_size=8", "cache.decode_batch_size=8"]
@@ -251,13 +252,69 @@ def test_stage_is_in_the_graph_only_for_user_data():
     assert "synthesize" in graph.default_stages()[[s.name for s in graph.default_stages()].index("cache")].inputs
 
 
-def test_an_unreadable_train_shard_is_an_error_naming_it(tmp_path):
-    bad = tmp_path / "train-000.tar"
-    bad.write_bytes(b"\x00not a tar at all" * 40)
-    with pytest.raises(synthesize.SynthesizeError, match=f"train shard {bad} cannot be read"):
-        synthesize.is_prompt_only(str(bad))
+def test_a_bad_train_shard_is_judged_as_the_cache_reads_it(tmp_path):
+    """shard_kind and read_prompt_shard count what is wrong (the shared tolerant reader) instead of raising."""
+    from test_samples import random_tar
+
+    bad = random_tar(tmp_path / "train-000.tar")
+    kind, rejects = synthesize.shard_kind(str(bad))
+    assert kind == "unreadable" and [(e["key"], e["reason"]) for e in rejects] == [(f"{bad}@0", "corrupt_tar")]
+    kind, rejects = synthesize.shard_kind(str(tmp_path / "gone.tar"))
+    assert kind == "unreadable" and rejects[0]["reason"] == "unreadable_shard"
+    assert "No such file" in rejects[0]["detail"]
     cut = prompt_shard(tmp_path / "cut.tar", WORDS)
     cut.write_bytes(cut.read_bytes()[:700])  # inside the second member
-    with pytest.raises(synthesize.SynthesizeError, match="prompt-only shard .*cut.tar cannot be read"):
-        synthesize.read_prompt_shard(str(cut))
-    assert synthesize.is_prompt_only(str(prompt_shard(tmp_path / "ok.tar", WORDS[:1])))
+    assert synthesize.shard_kind(str(cut)) == ("prompts", [])
+    prompts, rejects = synthesize.read_prompt_shard(str(cut))
+    assert [p.text for p in prompts] == WORDS[:1]  # the sample before the cut is kept, as the cache keeps it
+    assert [e["reason"] for e in rejects] == ["truncated_tar"]
+    assert synthesize.shard_kind(str(prompt_shard(tmp_path / "ok.tar", WORDS[:1]))) == ("prompts", [])
+    assert synthesize.shard_kind(str(good_shard(tmp_path / "img.tar", "i", 2))) == ("images", [])
+
+
+def test_a_random_bytes_shard_among_200_is_counted_and_fails_the_stage_only_above_the_fraction(
+        tmp_path, ray_local, bundle, capfd):
+    """199 good image shards, a prompt-only shard with a non-UTF-8 caption under dotted directories,
+    and a tar of random bytes: with the default synthesize.max_bad_fraction (0.01) the stage counts
+    and reports the bad shards and carries on; below their fraction it fails, naming them."""
+    from test_samples import DOTTED, random_tar, tricky_prompt_shard
+
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    png = image_bytes(64, 64, 0)
+    for i in range(198):
+        write_tar(shards / f"train-{i:03d}.tar", [(f"g{i:04d}.png", png), (f"g{i:04d}.txt", b"a red circle")])
+    prompts = tricky_prompt_shard(shards / "train-198.tar")  # 2 good prompts, 1 bad_caption
+    bad = random_tar(shards / "train-199.tar")
+    good_shard(tmp_path / "eval-000.tar", "e", 2, seed=90)
+    data = [f"data.train_shards={shards}/train-*.tar", f"data.eval_shards={tmp_path}/eval-000.tar"]
+
+    out = run_graph(tmp_path, bundle, *data, upto="synthesize")
+    summary = json.loads((out["synthesize"] / synthesize.SUMMARY_FILE).read_text())
+    assert summary["train_shards"] == 200 and summary["unreadable_shards"] == [str(bad)]
+    assert summary["rejects_by_reason"] == {"corrupt_tar": 1, "bad_caption": 1}
+    # 2 bad samples in 2 shards read whole (2 kept): each of the 198 image shards counts 2 samples
+    assert summary["bad_fraction"] == pytest.approx(2 / (2 + 198 * 2 + 2), abs=1e-6)
+    assert summary["prompts"] == 2 and summary["images"] == 2 and summary["image_shards_passed_through"] == 198
+    skipped = [json.loads(line) for line in (out["synthesize"] / synthesize.SKIPPED_FILE).read_text().splitlines()]
+    assert {(e["source"], e["key"], e["reason"]) for e in skipped} == {
+        (str(prompts), f"{DOTTED}000002", "bad_caption"), (str(bad), f"{bad}@0", "corrupt_tar")}
+    listing = json.loads((out["synthesize"] / "shards.json").read_text())
+    assert str(bad) not in [e["url"] for e in listing["train"]] and len(listing["train"]) == 198 + 1
+    generated = [s["txt"].decode() for e in listing["train"][198:] for s in samples_of(e["url"])]
+    assert sorted(generated) == ["a blue square", "a red circle"]
+    manifest = graph.read_manifest(out["synthesize"])
+    assert manifest["summary"]["unreadable_shards"] == 1
+    run = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'wd' / 'mlflow.db'}").get_run(manifest["run_id"])
+    assert run.data.metrics["unreadable_shards"] == 1 and run.data.metrics["rejects_corrupt_tar"] == 1
+    assert run.data.metrics["rejects_bad_caption"] == 1
+
+    # a limit below the bad fraction: the stage fails before generating, naming the key and the shards
+    capfd.readouterr()
+    wd = tmp_path / "wd"
+    cfg = load_config(overrides=[f"workdir={wd}", f"teacher.pretrained={bundle}", "tracking.experiment=synth",
+                                 *FAST, *data, "synthesize.max_bad_fraction=0.004"])
+    assert run_stages(cfg, graph.plan(cfg, stages("synthesize")), f"sqlite:///{wd / 'mlflow.db'}", []) == 1
+    err = capfd.readouterr().err
+    assert "synthesize: 0.50% of the train samples read are bad, more than synthesize.max_bad_fraction=0.004" in err
+    assert f"{bad} (1 rejected sample(s))" in err and f"{prompts} (1 rejected sample(s))" in err

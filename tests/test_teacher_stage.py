@@ -64,8 +64,42 @@ def test_stage_trains_a_bundle_on_a_tiny_budget(tmp_path, ray_local):
     assert client.get_metric_history(ctx.run_id, "oracle_all_three")
     assert {a.path for a in client.list_artifacts(ctx.run_id)} >= {stage.GRID_FILE, stage.TEACHER_FILE}
     assert ctx.summary["source"] == "trained" and "oracle_all_three" in ctx.summary
+    # what the shared reader read of the train shards, counted on the run and in teacher.json
+    assert client.get_run(ctx.run_id).data.metrics["train_shards_read"] == 1
+    assert client.get_run(ctx.run_id).data.metrics["train_rejects"] == 0
+    assert record["train_rejects"] == 0 and record["train_rejects_by_reason"] == {} and record["bad_train_shards"] == []
     # A rerun into the same scratch resumes: the VAE and the transformer checkpoint are reused.
     assert (ctx.scratch_dir / "vae.safetensors").is_file() and (ctx.scratch_dir / "flow.safetensors").is_file()
+
+
+def test_bad_train_shards_are_counted_and_fail_training_only_above_one_percent(tmp_path):
+    """The teacher reads its train shards as every stage does (pipeline.samples): one shard that
+    vanished among 200 is counted, not fatal, at the 1% limit; a tar of random bytes beside 24
+    good samples (4% bad) fails, naming it; upright pixels, dotted keys, a non-UTF-8 caption counted."""
+    from test_cache import image_bytes, write_tar
+    from test_samples import DOTTED, exif_jpeg, random_tar, tricky_image_shard, upright_square
+
+    png = image_bytes(64, 64, 0)
+    urls = [str(write_tar(tmp_path / f"t-{i:03d}.tar", [(f"s{i}.png", png), (f"s{i}.txt", b"a red circle")]))
+            for i in range(199)]
+    urls.insert(100, str(tmp_path / "vanished.tar"))
+    images, prompts, attrs, reads = stage._read_shards(urls, 64)
+    assert images.shape == (199, 3, 64, 64) and len(prompts) == 199 and attrs == [None] * 199
+    assert [(e["url"], e["reason"]) for e in reads.rejects] == [(urls[100], "unreadable_shard")]
+    assert reads.bad_fraction == pytest.approx(1 / 200)
+
+    shards = _shards(tmp_path / "shards", counts=(("train", 24),))
+    junk = str(random_tar(tmp_path / "junk.tar"))
+    with pytest.raises(ValueError, match=r"teacher: 4\.00% of the train samples are bad, more than the allowed 0\.01 "
+                                         r".*junk\.tar \(1 rejected sample\(s\)\)"):
+        stage._read_shards([str(shards / "train" / "train-000000.tar"), junk], 64)
+
+    tricky = str(tricky_image_shard(tmp_path / "tricky.tar"))
+    images, prompts, _, reads = stage._read_shards([tricky], 64, max_bad_fraction=0.5)
+    assert prompts == ["a red circle", "a blue square"]
+    assert [s["key"] for s in reads.samples] == [f"{DOTTED}000001", f"{DOTTED}000003"]
+    assert [(e["key"], e["reason"]) for e in reads.rejects] == [(f"{DOTTED}000002", "bad_caption")]
+    assert (images[0].permute(1, 2, 0).numpy() == upright_square(exif_jpeg())).all()
 
 
 def test_checkpoint_round_trip_restores_weights_ema_and_optimizer(tmp_path):

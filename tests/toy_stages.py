@@ -25,7 +25,7 @@ def _make(name: str, sections: tuple[str, ...], slow: bool = False) -> types.Mod
         (ctx.output_dir / "partial.txt").write_text("half")
         if slow:
             Path(os.environ["TOY_READY"]).touch()
-            time.sleep(600)  # the test kills the process here
+            time.sleep(float(os.environ.get("TOY_SLEEP_S", 600)))  # the kill tests kill the process here
         if os.environ.get("TOY_FAIL") == name:
             raise RuntimeError(f"{name} failed on purpose")
         (ctx.output_dir / "out.txt").write_text(text)
@@ -44,11 +44,13 @@ def toy_graph(slow_b: bool = False) -> list[StageSpec]:
     ]
 
 
-if __name__ == "__main__":  # used by the kill test: run the toy graph with a slow stage b
+if __name__ == "__main__":  # used by the kill and concurrency tests: the toy graph with a slow stage b
     from pipeline import graph
     from pipeline.config import load_config
     from pipeline.run import run_stages
 
     cfg = load_config(overrides=sys.argv[1:])
-    planned = graph.plan(cfg, toy_graph(slow_b=True))
-    sys.exit(run_stages(cfg, planned, f"sqlite:///{cfg.workdir / 'mlflow.db'}", sys.argv[1:]))
+    force = set(filter(None, os.environ.get("TOY_FORCE", "").split(",")))
+    planned = graph.plan(cfg, toy_graph(slow_b=True), force=force)
+    uri = os.environ.get("TOY_TRACKING_URI") or f"sqlite:///{cfg.workdir / 'mlflow.db'}"
+    sys.exit(run_stages(cfg, planned, uri, sys.argv[1:]))
