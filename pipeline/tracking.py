@@ -74,6 +74,52 @@ RUNS_PAGE_QUERY = "workflowType=machine_learning"
 UI_DEFAULT = "http://127.0.0.1:5000"  # `mlflow ui` / `mlflow server` on a local store
 
 
+def start_local_server(root: Path, timeout_s: float = 180) -> tuple[subprocess.Popen, str]:
+    """A real `mlflow server` on 127.0.0.1 at a free port, SQLite backend and proxied artifacts under
+    `root`, in its own process group; returns (process, URI) once /health answers. For tests, the UI
+    check and a local look at a workdir's runs. Stop it with `stop_local_server`."""
+    import socket
+    import sys
+    import time
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    root = Path(root)
+    log = open(root / "server.log", "w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+         "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination", str(root / "artifacts")],
+        stdout=log, stderr=subprocess.STDOUT, cwd=root, start_new_session=True)
+    log.close()  # the child holds its own descriptor
+    uri = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with urllib.request.urlopen(uri + "/health", timeout=3) as resp:
+                if resp.status == 200:
+                    return proc, uri
+        except OSError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            stop_local_server(proc)
+            raise TrackingError(f"mlflow server did not start: {(root / 'server.log').read_text()[-2000:]}")
+        time.sleep(0.5)
+
+
+def stop_local_server(proc: subprocess.Popen, grace_s: float = 30) -> None:
+    """SIGTERM to the server's process group, SIGKILL after `grace_s` (shutdown is slow on busy cores)."""
+    import signal
+
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=grace_s)
+
+
 def ensure_experiment(mlc, name: str, artifact_uri: str | None) -> str:
     """The experiment's id, created if missing, marked as model training (also when it exists)."""
     from mlflow.exceptions import MlflowException

@@ -18,13 +18,10 @@ import html
 import os
 import re
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -41,45 +38,6 @@ def find_chromium(explicit: str | None = None) -> str | None:
     if explicit:
         return shutil.which(explicit) or (explicit if os.access(explicit, os.X_OK) else None)
     return next((path for name in BROWSERS if (path := shutil.which(name))), None)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(root: Path) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    log = open(root / "server.log", "w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-         "--workers", "1", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-         "--artifacts-destination", str(root / "artifacts")],
-        stdout=log, stderr=subprocess.STDOUT, cwd=root, start_new_session=True)
-    uri = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            with urllib.request.urlopen(uri + "/health", timeout=2) as resp:
-                if resp.status == 200:
-                    return proc, uri
-        except OSError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            stop_server(proc)
-            raise RuntimeError(f"mlflow server did not start: {(root / 'server.log').read_text()[-2000:]}")
-        time.sleep(0.5)
-
-
-def stop_server(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
 
 
 def record_runs(uri: str, workdir: Path) -> tuple[str, str, str]:
@@ -161,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     root = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="check-mlflow-ui-"))
     root.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
-    proc, uri = start_server(root)
+    proc, uri = tracking.start_local_server(root)
     try:
         exp_id, parent, run_name = record_runs(uri, root / "workdir")
         print(f"[check] mlflow server {uri}: experiment {EXPERIMENT!r} ({exp_id}), parent run {run_name!r} ({parent})")
@@ -178,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
             around = run_name if view.startswith("runs table") else "Traces 0" if "Traces 0" in text else "Traces"
             print(f"        page text: ...{excerpt(text, around)}...")
     finally:
-        stop_server(proc)
+        tracking.stop_local_server(proc)
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)
     ok = results["README link"] == "runs table"

@@ -10,7 +10,6 @@ import secrets
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 import urllib.error
@@ -116,37 +115,14 @@ def ray_head():
 
 @pytest.fixture(scope="module")
 def mlflow_server(tmp_path_factory):
-    """A real `mlflow server` on 127.0.0.1 (SQLite backend, proxied artifacts), stopped with its
-    process group (SIGKILL when it has not exited 30 s after SIGTERM: shutdown is slow on busy cores)."""
-    root = tmp_path_factory.mktemp("job-submit-mlflow")
-    port = free_port()
-    log = open(root / "server.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-                             "--workers", "1", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-                             "--artifacts-destination", str(root / "artifacts")],
-                            stdout=log, stderr=subprocess.STDOUT, cwd=root, start_new_session=True)
-    uri = f"http://127.0.0.1:{port}"
+    """A real `mlflow server` on 127.0.0.1 (SQLite backend, proxied artifacts) of this module's own."""
+    from pipeline.tracking import start_local_server, stop_local_server
+
+    proc, uri = start_local_server(tmp_path_factory.mktemp("job-submit-mlflow"))
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                with urllib.request.urlopen(uri + "/health", timeout=3) as resp:
-                    if resp.status == 200:
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"mlflow server did not start: {(root / 'server.log').read_text()[-2000:]}")
-            time.sleep(1)
         yield uri
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=30)
-        log.close()
+        stop_local_server(proc)
 
 
 def ray_cli(head: dict, command: str, *args: str, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:

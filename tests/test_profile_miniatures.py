@@ -12,7 +12,6 @@ import json
 import subprocess
 import sys
 import uuid
-from pathlib import Path
 
 import mlflow
 import pytest
