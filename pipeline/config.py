@@ -137,14 +137,14 @@ with warnings.catch_warnings():  # `register` is also ABCMeta.register; the fiel
 MINIATURE_FILE_NAME = "miniature.yaml"
 MINIATURE_KEYS = (
     "workdir", "ray.*", "data.*",
-    # the SD3.5-structured miniature teacher and where it runs
+    # the SD3.5-structured miniature teacher
     "teacher.pretrained",
     # the same schedule on the miniature's 8x smaller latents; the feature block at the same relative depth
     "swd.latent_side_divisor", "swd.feature_block",
     "cache.num_encoders", "cache.batch_size", "cache.num_cpus_per_encoder", "cache.num_gpus_per_encoder",
     "cache.num_cpus_per_decoder", "cache.decode_batch_size", "cache.log_every_s",
     "distill.num_steps", "distill.num_workers", "distill.batch_size_per_worker", "distill.use_gpu",
-    "distill.num_cpus_per_worker", "distill.num_gpus_per_worker", "distill.precision", "distill.storage_path",
+    "distill.num_cpus_per_worker", "distill.num_gpus_per_worker", "distill.storage_path",
     "distill.checkpoint_every", "distill.log_every", "distill.sample_every", "distill.sample_num_prompts",
     "distill.shuffle_buffer_rows",
     "evaluate.num_actors", "evaluate.num_cpus_per_actor", "evaluate.num_gpus_per_actor", "evaluate.batch_size",

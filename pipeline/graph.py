@@ -3,9 +3,10 @@
 A stage's fingerprint hashes its code version, the config sections it declares and its inputs'
 fingerprints (plus, for stages that read outside data, a digest of that data). A section leaves out
 the keys that do not change any stage's result (`section_fingerprint`: a Config's
-`NOT_IN_FINGERPRINT`, or its own `fingerprint_dump`): logging cadence, workers and actors, retries,
-checkpoint cadence, retention and location. Changing one of them reuses the committed output, and a
-distill run in progress resumes from its checkpoint (same fingerprint, same run name). Its output lives
+`NOT_IN_FINGERPRINT`, or its own `fingerprint_dump`): logging cadence, encoder / actor counts,
+retries, checkpoint cadence, retention and location. Changing one of them reuses the committed
+output, and a distill run in progress resumes from its checkpoint (same fingerprint, same run name;
+a new `distill.storage_path` has no checkpoint to resume from). Its output lives
 in `workdir/<stage>/<fingerprint>/` and counts as done only once `manifest.json` is there: the
 stage writes into a temporary directory beside it, the manifest last, and one rename commits it.
 So a killed run never leaves something that looks finished, rerunning the same command does no
@@ -273,13 +274,18 @@ def stage_lock(root: Path, p: PlannedStage, log: Callable[[str], None] = print):
     import fcntl
 
     with open(root / f".lock-{p.fingerprint}", "a+") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.seek(0)
-            holder = f.read().strip() or "another run"
-            log(f"[pipeline] {p.name}: {holder} is running this fingerprint ({p.fingerprint}); waiting for it")
-            fcntl.flock(f, fcntl.LOCK_EX)
+        waiting = False
+        while True:  # polled, not a blocking flock: a lost schedule lease can still interrupt the wait
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if not waiting:
+                    f.seek(0)
+                    holder = f.read().strip() or "another run"
+                    log(f"[pipeline] {p.name}: {holder} is running this fingerprint ({p.fingerprint}); waiting for it")
+                    waiting = True
+                time.sleep(0.5)
         f.seek(0)
         f.truncate()
         f.write(f"pid {os.getpid()} on {os.uname().nodename}\n")

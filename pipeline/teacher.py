@@ -6,6 +6,8 @@
   `scaling_factor` / `shift_factor`), the CLIP text encoders and tokenizers, the T5 encoder where
   there is one and it is wanted, FlowMatchEulerDiscreteScheduler. Safetensors only
   (`use_safetensors=True`, no pickle), never `trust_remote_code`.
+- `text_settings(directory, load_t5, max_sequence_length)`: from the files alone, whether T5 is loaded
+  and how many T5 tokens a prompt embedding has (null: the T5 tokenizer's limit); errors name the key.
 - `TeacherBundle.encode_prompt(prompts)`: exactly `StableDiffusion3Pipeline.encode_prompt` (it
   calls it), so `prompt_embeds` / `pooled_prompt_embeds` match diffusers'.
 - `bundle_location(teacher_stage_output_dir)`: where the `teacher` stage put (or found) the teacher.

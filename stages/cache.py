@@ -26,7 +26,8 @@ Steps (SWD.md section 4, "Training inputs"; DESIGN.md "Data formats"):
 5. `write_parquet` partitioned by shard key into the scratch dir; each shard's directory is then
    moved into the shared dir and committed by its `shard.json` (rows, rejects). Up to
    `max_shards_per_write` shards per Ray Data execution, so a killed run keeps finished rounds.
-6. Output: `cache.json` (encoder identity, scales, columns, rows, per-shard parquet dirs,
+6. Output: `cache.json` (encoder identity, scales, columns, rows, per-shard parquet dirs, `text`:
+   T5 loaded, T5 tokens and the encoder files' digest, which distill checks against its teacher,
    fingerprint) and `rejects.jsonl`; rows/s and rejects by reason go to the stage's MLflow run with
    both files. The stage fails, after committing the shards, when the rejected fraction exceeds
    `max_bad_fraction`.
@@ -84,7 +85,7 @@ class Config(BaseModel):
     batch_size: int = Field(32, ge=1)
     num_cpus_per_encoder: float = Field(1.0, gt=0)
     # null: 1 when the Ray cluster has GPUs, else 0. An encoder runs on cuda exactly when it has a
-    # GPU (teacher.device is not used here); teacher.dtype and teacher.load_t5 are.
+    # GPU; teacher.dtype, teacher.load_t5 and teacher.max_sequence_length decide what it encodes.
     num_gpus_per_encoder: float | None = Field(None, ge=0)
     # CPUs of each read / decode task, and images per decode call.
     num_cpus_per_decoder: float = Field(1.0, gt=0)

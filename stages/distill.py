@@ -13,7 +13,7 @@ Steps (SWD.md section 4; DESIGN.md "Ray usage" and "DeepSpeed"):
 3. Each worker (`Trainer`): loads the teacher bundle, encodes the "" prompt once, builds the
    networks (`pipeline.swd.build_networks`: student G = teacher + LoRA, fake score F + GAN head D)
    and one DeepSpeed engine per trained network (each its own config dict, ZeRO `zero_stage`,
-   bf16 on GPU / fp32 on CPU, AdamW, gradient clipping); the teacher has no engine. It resumes from
+   `precision`: bf16-mixed = bf16 base, fp32 LoRA / GAN head, fp32 all-reduce; bf16; fp32; AdamW, gradient clipping); the teacher has no engine. It resumes from
    `ray.train.get_checkpoint()` when there is one: engine states, step counter, data position.
    Otherwise, with `init_student`, the student LoRA starts from that adapter (`load_student_lora`,
    before the engines are built) instead of B = 0; the fake network starts afresh either way.
@@ -364,7 +364,7 @@ class LoopSpec:
     distill: dict
     swd: dict
     location: str                       # the teacher bundle directory
-    load_t5: bool
+    load_t5: bool | str                 # teacher.load_t5: true, false or "auto"
     columns: list                       # per scale index: (z column, z_im1 column) in the cache
     sample_prompts: dict                # prompts + their embeddings, for the sample grid
     tracking_uri: str

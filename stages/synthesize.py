@@ -9,10 +9,12 @@ Steps:
    `pipeline.samples`): a `txt` and no image member makes it a prompt-only shard, whose prompts are
    read here with the tolerant tar reader and caption rule every stage shares
    (`pipeline.samples.read_shards`: tar faults, empty and non-UTF-8 captions are counted rejects);
-   an image shard passes through unchanged. A shard whose first sample cannot be read is left out
-   of the output, its rejects counted as the cache counts them. The stage fails, naming the bad
-   shards, only when the bad fraction (`pipeline.samples.bad_fraction`, an image shard counting as
-   an average shard) exceeds `max_bad_fraction`. The prompt file `data.prompts` (`.txt`: one
+   an image shard passes through unchanged. A shard whose first sample cannot be read is counted
+   and reported (its rejects as the cache counts them) and passes through too: the cache reads
+   every image shard and judges it with the rest under `cache.max_bad_fraction` (one policy, and
+   no guess here at how many samples an unread image shard holds). The stage fails, naming the bad
+   shards, only when the bad fraction of the prompt-only shards it reads
+   (`pipeline.samples.bad_fraction`) exceeds `max_bad_fraction`. The prompt file `data.prompts` (`.txt`: one
    prompt per line; `.parquet` / `.csv`: the column `data.prompt_column`) adds more. Empty prompts
    of the file are skipped and counted; a prompt longer than the teacher's CLIP token limit is
    truncated by the text encoders (counted, and flagged in its json) or skipped (`long_prompts`).
@@ -85,9 +87,10 @@ class Config(BaseModel):
     num_actors: int = Field(1, ge=1)
     num_cpus_per_actor: float = Field(2.0, gt=0)
     num_gpus_per_actor: float | None = Field(None, ge=0)  # null: 1 when the Ray cluster has GPUs
-    # Fail the stage when more than this fraction of the train samples read is bad (unreadable shard,
-    # bad tar, empty or non-UTF-8 caption); as cache.max_bad_fraction, an unreadable shard counting
-    # as an average shard. Below it, each bad shard is counted and reported and the run carries on.
+    # Fail the stage when more than this fraction of the prompts read from prompt-only train shards is
+    # bad (bad tar member, empty or non-UTF-8 caption), as cache.max_bad_fraction does for the samples
+    # it encodes. Below it, each bad shard is counted and reported and the run carries on; a shard that
+    # cannot be read at all is reported and left to the cache, which judges it with the image shards.
     max_bad_fraction: float = Field(0.01, ge=0, le=1)
 
 
@@ -127,8 +130,8 @@ def run(ctx: StageContext) -> None:
     train_urls = shard_urls(ctx.inputs["shards"], "train")
     passthrough, sources, skipped = [], [], []
     read_rejects: list[dict] = []  # of the train shards: unreadable shards, bad tar members, bad captions
-    unreadable: list[str] = []  # shards left out: not even a first sample could be read
-    shard_prompts = counted = 0  # prompts of the prompt-only shards; shards whose samples were all counted
+    unreadable: list[str] = []  # not even a first sample could be read: passed on to the cache, which judges it
+    shard_prompts = counted = 0  # prompts of the prompt-only shards; prompt-only shards read whole
     for url, entry in zip(train_urls, listing["train"]):
         kind, rejects = shard_kind(url)
         if kind == "prompts":
@@ -143,21 +146,23 @@ def run(ctx: StageContext) -> None:
         read_rejects += rejects
         if kind == "unreadable":
             unreadable.append(url)
-        # read whole (as the cache counts shards): prompt-only ones, and bad ones with the reader's rejects
-        counted += kind != "images" and not any(e["reason"] == "unreadable_shard" for e in rejects)
+            passthrough.append({**entry, "url": url})
+        counted += kind == "prompts"
     skipped += [{"source": e["url"], "key": e["key"], "reason": e["reason"], "detail": e["detail"]}
                 for e in read_rejects]
-    bad_fraction = samples.bad_fraction(shard_prompts, read_rejects, counted, len(passthrough))
+    prompt_rejects = [e for e in read_rejects if e["url"] not in unreadable]
+    bad_fraction = samples.bad_fraction(shard_prompts, prompt_rejects, counted)
     read_metrics = {"train_shards": len(train_urls), "unreadable_shards": len(unreadable),
                     "rejects": len(read_rejects), "bad_fraction": bad_fraction,
                     **{f"rejects_{r}": n for r, n in samples.by_reason(read_rejects).items()}}
     if read_rejects:
         print(f"[synthesize] {len(read_rejects)} reject(s) in the train shards "
               f"{samples.by_reason(read_rejects)}, {len(unreadable)} unreadable shard(s)"
-              + (f" ({', '.join(unreadable[:5])}{', ...' if len(unreadable) > 5 else ''}) left out" if unreadable
-                 else "") + f"; bad fraction {bad_fraction:.2%}", flush=True)
-    problem = samples.bad_data_problem("synthesize", "train samples read", bad_fraction, cfg.max_bad_fraction,
-                                       read_rejects, "synthesize.max_bad_fraction")
+              + (f" ({', '.join(unreadable[:5])}{', ...' if len(unreadable) > 5 else ''}) passed on to the cache, "
+                 f"which judges them under cache.max_bad_fraction" if unreadable else "")
+              + f"; bad fraction of the prompt-only shards {bad_fraction:.2%}", flush=True)
+    problem = samples.bad_data_problem("synthesize", "prompts read from prompt-only train shards", bad_fraction,
+                                       cfg.max_bad_fraction, prompt_rejects, "synthesize.max_bad_fraction")
     if problem:
         for k, v in read_metrics.items():
             mlc.log_metric(ctx.run_id, k, float(v))

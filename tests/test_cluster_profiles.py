@@ -34,7 +34,7 @@ def test_profile_holds_the_released_recipe(name):
     assert d.fake_updates_per_step == 5 and d.num_steps == steps
     assert d.num_workers * d.batch_size_per_worker == global_batch
     assert d.use_gpu and d.num_gpus_per_worker == 1 and d.precision == "bf16-mixed" and d.gradient_checkpointing
-    assert d.zero_stage in (2, 3) and s.stop_at_feature_block  # early exit under ZeRO-3 too
+    assert d.zero_stage == (3 if "large" in name else 2) and s.stop_at_feature_block  # early exit under ZeRO-3 too
     # The released recipe (cluster/README.md): F's MMD features, its LoRA targets and init, T5 to the tokenizer's limit.
     assert s.loss.mmd_features == "fake" and t.load_t5 is True and t.max_sequence_length is None
     for lora in (s.student, s.fake):

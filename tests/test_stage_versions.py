@@ -37,5 +37,4 @@ def test_every_stage_code_change_comes_with_a_version_or_a_recorded_digest():
 def test_the_digest_follows_the_code_a_stage_imports(tmp_path):
     assert "pipeline.swd.losses" in code_modules("stages.distill")  # the loss changes distill's output
     assert "pipeline.config" not in code_modules("stages.distill")  # wiring, not behaviour
-    assert code_digest("stages.distill") == code_digest("stages.distill")
     assert code_digest("stages.distill") != code_digest("stages.shards")

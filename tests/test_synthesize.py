@@ -274,10 +274,13 @@ def test_a_bad_train_shard_is_judged_as_the_cache_reads_it(tmp_path):
 
 def test_a_random_bytes_shard_among_200_is_counted_and_fails_the_stage_only_above_the_fraction(
         tmp_path, ray_local, bundle, capfd):
-    """199 good image shards, a prompt-only shard with a non-UTF-8 caption under dotted directories,
-    and a tar of random bytes: with the default synthesize.max_bad_fraction (0.01) the stage counts
-    and reports the bad shards and carries on; below their fraction it fails, naming them."""
+    """198 good image shards, a prompt-only shard with a non-UTF-8 caption under dotted directories,
+    and a tar of random bytes. The random tar is counted and reported and passed on to the cache (which
+    judges it with the image shards: one corrupt_tar sample among them); synthesize judges the prompts
+    it reads, and fails only when their bad fraction exceeds synthesize.max_bad_fraction, naming the shard."""
     from test_samples import DOTTED, random_tar, tricky_prompt_shard
+
+    from pipeline.samples import read_shards
 
     shards = tmp_path / "shards"
     shards.mkdir()
@@ -289,32 +292,36 @@ def test_a_random_bytes_shard_among_200_is_counted_and_fails_the_stage_only_abov
     good_shard(tmp_path / "eval-000.tar", "e", 2, seed=90)
     data = [f"data.train_shards={shards}/train-*.tar", f"data.eval_shards={tmp_path}/eval-000.tar"]
 
-    out = run_graph(tmp_path, bundle, *data, upto="synthesize")
+    out = run_graph(tmp_path, bundle, *data, "synthesize.max_bad_fraction=0.5", upto="synthesize")
     summary = json.loads((out["synthesize"] / synthesize.SUMMARY_FILE).read_text())
     assert summary["train_shards"] == 200 and summary["unreadable_shards"] == [str(bad)]
     assert summary["rejects_by_reason"] == {"corrupt_tar": 1, "bad_caption": 1}
-    # 2 bad samples in 2 shards read whole (2 kept): each of the 198 image shards counts 2 samples
-    assert summary["bad_fraction"] == pytest.approx(2 / (2 + 198 * 2 + 2), abs=1e-6)
-    assert summary["prompts"] == 2 and summary["images"] == 2 and summary["image_shards_passed_through"] == 198
+    assert summary["bad_fraction"] == pytest.approx(1 / 3, abs=1e-6)  # of the prompt-only shard's 3 samples
+    assert summary["prompts"] == 2 and summary["images"] == 2 and summary["image_shards_passed_through"] == 199
     skipped = [json.loads(line) for line in (out["synthesize"] / synthesize.SKIPPED_FILE).read_text().splitlines()]
     assert {(e["source"], e["key"], e["reason"]) for e in skipped} == {
         (str(prompts), f"{DOTTED}000002", "bad_caption"), (str(bad), f"{bad}@0", "corrupt_tar")}
     listing = json.loads((out["synthesize"] / "shards.json").read_text())
-    assert str(bad) not in [e["url"] for e in listing["train"]] and len(listing["train"]) == 198 + 1
-    generated = [s["txt"].decode() for e in listing["train"][198:] for s in samples_of(e["url"])]
+    train = [e["url"] for e in listing["train"]]
+    assert str(bad) in train and len(train) == 199 + 1  # passed on: the cache judges it
+    generated = [s["txt"].decode() for e in listing["train"][199:] for s in samples_of(e["url"])]
     assert sorted(generated) == ["a blue square", "a red circle"]
     manifest = graph.read_manifest(out["synthesize"])
     assert manifest["summary"]["unreadable_shards"] == 1
     run = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'wd' / 'mlflow.db'}").get_run(manifest["run_id"])
     assert run.data.metrics["unreadable_shards"] == 1 and run.data.metrics["rejects_corrupt_tar"] == 1
     assert run.data.metrics["rejects_bad_caption"] == 1
+    # The cache's reader judges the random tar among the 199 passed-through shards: one bad sample, 0.5%.
+    reads = read_shards(train[:199])
+    assert reads.bad_fraction == pytest.approx(1 / 199, abs=1e-6) and reads.bad_fraction < 0.01
 
-    # a limit below the bad fraction: the stage fails before generating, naming the key and the shards
+    # a limit below the prompts' bad fraction: the stage fails before generating, naming the key and the shard
     capfd.readouterr()
     wd = tmp_path / "wd"
     cfg = load_config(overrides=[f"workdir={wd}", f"teacher.pretrained={bundle}", "tracking.experiment=synth",
-                                 *FAST, *data, "synthesize.max_bad_fraction=0.004"])
+                                 *FAST, *data, "synthesize.max_bad_fraction=0.3"])
     assert run_stages(cfg, graph.plan(cfg, stages("synthesize")), f"sqlite:///{wd / 'mlflow.db'}", []) == 1
     err = capfd.readouterr().err
-    assert "synthesize: 0.50% of the train samples read are bad, more than synthesize.max_bad_fraction=0.004" in err
-    assert f"{bad} (1 rejected sample(s))" in err and f"{prompts} (1 rejected sample(s))" in err
+    assert ("synthesize: 33.33% of the prompts read from prompt-only train shards are bad, more than "
+            "synthesize.max_bad_fraction=0.3") in err
+    assert f"{prompts} (1 rejected sample(s))" in err and str(bad) not in err.split("bad shards:")[1]

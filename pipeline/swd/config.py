@@ -49,7 +49,7 @@ class StudentConfig(_Section):
     """Student G = teacher + LoRA (B = 0 at start, so G == T), or a full fine-tune."""
     lora_rank: int = Field(64, ge=1)
     lora_alpha: float = Field(64.0, gt=0)
-    # How PEFT draws LoRA A (B is zero either way): kaiming (PEFT's default) or gaussian (N(0, 1/r), released).
+    # How PEFT draws LoRA A (B is zero either way): kaiming (PEFT's default) or gaussian (std 1/r, released).
     lora_init: Literal["kaiming", "gaussian"] = "kaiming"
     target_modules: list[str] = Field(default_factory=lambda: list(DEFAULT_TARGET_MODULES), min_length=1)
     full_finetune: bool = False  # train every weight; the teacher becomes a frozen copy (2x memory)

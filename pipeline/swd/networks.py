@@ -31,7 +31,7 @@ FAKE_ADAPTER = "fake"
 def add_lora(transformer, rank: int, alpha: float, target_modules: list[str], adapter_name: str,
              key: str = "target_modules", init: str = "kaiming") -> list[nn.Parameter]:
     """Freeze the transformer and add a LoRA adapter (A random: PEFT's kaiming-uniform or, with
-    `init="gaussian"`, N(0, 1/rank) as released; B zero) through diffusers' PEFT integration;
+    `init="gaussian"`, normal with std 1/rank as released; B zero) through diffusers' PEFT integration;
     returns the adapter's parameters. `key` names the config key in errors."""
     from peft import LoraConfig  # peft is needed only by the training-side networks
 
