@@ -83,9 +83,7 @@ def run_stages(cfg: PipelineConfig, planned: list[graph.PlannedStage], uri: str,
                tags: dict[str, str] | None = None) -> int:
     mlc = tracking.client(uri)
     exp_id = tracking.ensure_experiment(mlc, cfg.tracking.experiment, tracking.artifact_location(cfg, uri))
-    parent = tracking.start_parent_run(mlc, exp_id, cfg, argv, [p.name for p in planned], tags)
-    for key, value in (tags or {}).items():  # e.g. schedule.slot of a scheduled run
-        mlc.set_tag(parent, key, value)
+    parent = tracking.start_parent_run(mlc, exp_id, cfg, argv, [p.name for p in planned], tags)  # e.g. schedule.slot
     print(f"[pipeline] MLflow run {parent} (experiment {cfg.tracking.experiment!r}, {uri})", flush=True)
     outputs: dict[str, Path] = {}
     start = time.monotonic()
@@ -187,11 +185,10 @@ def teacher_problems(cfg: PipelineConfig) -> list[str]:
         shape = json.loads(transformer.read_text())
         where = f"embedded tiny teacher continued from teacher.init_bundle {t.init_bundle}"
     elif t.pretrained is None:
-        # The transformer tiny.build_pipeline builds (tiny.build_transformer: latents of PIXEL_SIDE images
-        # through the VAE's downsamplings); the teacher stage resizes every image to PIXEL_SIDE.
+        # The teacher stage resizes every image to tiny.PIXEL_SIDE: its transformer's side is tiny.LATENT_SIDE.
         from pipeline import tiny
 
-        side = tiny.PIXEL_SIDE // 2 ** (len(tiny.VAE_BLOCK_CHANNELS) - 1)
+        side = tiny.LATENT_SIDE
         shape = {"patch_size": t.patch_size, "sample_size": side, "num_layers": t.num_layers}
         where = (f"embedded tiny teacher, trained on {tiny.PIXEL_SIDE} px images (latent side {side}) "
                  f"whatever data.generator.image_side_px is")

@@ -15,7 +15,7 @@ Rules (pure functions):
   (PIL image; raises for bytes that are not an image).
 - `decode_image(data, side=None)`: `square_image`, resized (bicubic) to side x side when `side` is
   given and differs: uint8 [S, S, 3].
-- `bad_fraction(rows, rejects, counted_shards, uncounted_shards=0)`: rejected / (kept + rejected)
+- `bad_fraction(rows, rejects, counted_shards)`: rejected / (kept + rejected)
   samples, an unreadable shard counting as many samples as an average readable shard; what every
   stage's `max_bad_fraction` is compared with.
 - `by_reason(rejects)`, `bad_data_problem(...)`: reject counts, and the message of a stage that
@@ -117,17 +117,16 @@ def by_reason(rejects: list[dict]) -> dict[str, int]:
     return {r: n for r, n in counts.items() if n}
 
 
-def bad_fraction(rows: int, rejects: list[dict], counted_shards: int, uncounted_shards: int = 0) -> float:
+def bad_fraction(rows: int, rejects: list[dict], counted_shards: int) -> float:
     """Rejected / (kept + rejected) samples.
 
     `rows` kept samples and the sample rejects come from `counted_shards` readable shards; an
-    unreadable shard counts as many samples as such a shard holds on average (at least 1), and so
-    does each of `uncounted_shards`, readable shards whose samples were not counted (synthesize
-    looks only at the first sample of an image shard). Samples lost after a truncation are unknown."""
+    unreadable shard counts as many samples as such a shard holds on average (at least 1). Samples
+    lost after a truncation are unknown."""
     unreadable = sum(1 for e in rejects if e["reason"] == "unreadable_shard")
     per_shard = max(1.0, (rows + len(rejects) - unreadable) / max(1, counted_shards))
     bad = len(rejects) - unreadable + unreadable * per_shard
-    return bad / max(1.0, rows + uncounted_shards * per_shard + bad)
+    return bad / max(1.0, rows + bad)
 
 
 def bad_data_problem(stage: str, what: str, fraction: float, max_bad_fraction: float, rejects: list[dict],

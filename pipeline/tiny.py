@@ -25,6 +25,7 @@ from pipeline import shapes
 PIXEL_SIDE = 64
 LATENT_CHANNELS = 4
 VAE_BLOCK_CHANNELS = (16, 32, 64)  # 3 blocks: 2 downsamplings, 64 -> 16
+LATENT_SIDE = PIXEL_SIDE // 2 ** (len(VAE_BLOCK_CHANNELS) - 1)  # 16
 TEXT_HIDDEN = 64
 TEXT_LAYERS = 2
 TEXT_MAX_LENGTH = 16  # bos + the longest prompt (12 words) + eos fits
@@ -126,7 +127,7 @@ def build_transformer(patch_size: int = 2, num_layers: int = 4, num_heads: int =
     from diffusers import SD3Transformer2DModel
     import torch
 
-    latent_side = PIXEL_SIDE // 2 ** (len(VAE_BLOCK_CHANNELS) - 1)
+    latent_side = LATENT_SIDE
     torch.manual_seed(seed)
     return SD3Transformer2DModel(
         sample_size=latent_side, patch_size=patch_size, in_channels=LATENT_CHANNELS, num_layers=num_layers,
@@ -202,6 +203,6 @@ def synthetic_cache(root: str | Path, bundle_dir: str | Path, rows: int, scales:
     pq.write_table(table, data / "part-0.parquet")
     text = {**text_settings(bundle_dir), "encoder_digest": cache.encoder_digest(bundle_dir)}
     (root / cache.CACHE_FILE).write_text(json.dumps({
-        "scales": list(scales), "vae_scale_factor": PIXEL_SIDE // 16, "rejects_by_reason": {}, "text": text,
+        "scales": list(scales), "vae_scale_factor": PIXEL_SIDE // LATENT_SIDE, "rejects_by_reason": {}, "text": text,
         "shards": [{"dir": str(data), "rows": rows}]}))
     return root

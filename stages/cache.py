@@ -169,7 +169,7 @@ def run(ctx: StageContext) -> None:
     listing, rejects = assemble(shards, done, failed, shared)
     total_rows = sum(e["rows"] for e in listing)
     by_reason = {r: sum(1 for e in rejects if e["reason"] == r) for r in REASONS}
-    bad_fraction = rejected_fraction(total_rows, rejects, len(listing))
+    bad_fraction = samples.bad_fraction(total_rows, rejects, len(listing))
 
     write_jsonl(ctx.output_dir / REJECTS_FILE, rejects)
     manifest = {
@@ -237,13 +237,6 @@ def assemble(shards: list["Shard"], reused: set[str], failed: dict[str, dict], s
                         "rows": record["rows"], "rejects": len(record["rejects"]), "reused": s.key in reused})
         rejects += record["rejects"]
     return listing, rejects
-
-
-def rejected_fraction(rows: int, rejects: list[dict], readable_shards: int) -> float:
-    """Rejected / (kept + rejected) samples. An unreadable shard counts as many samples as a
-    readable shard holds on average (at least 1); samples lost after a truncation are unknown
-    (`pipeline.samples.bad_fraction`: the rule of every stage's max_bad_fraction)."""
-    return samples.bad_fraction(rows, rejects, readable_shards)
 
 
 # ----------------------------------------------------------------------------- shard keys

@@ -385,10 +385,10 @@ def test_nothing_usable_fails_even_when_rejects_are_allowed(bad_root, bundle):
 
 def test_rejected_fraction_weighs_an_unreadable_shard_as_an_average_shard():
     bad = [{"reason": "not_image"}] * 2
-    assert cache.rejected_fraction(98, bad, 2) == pytest.approx(0.02)
+    assert samples.bad_fraction(98, bad, 2) == pytest.approx(0.02)
     # 2 readable shards of 50 samples each; the unreadable third counts 50
-    assert cache.rejected_fraction(98, bad + [{"reason": "unreadable_shard"}], 2) == pytest.approx(52 / 150)
-    assert cache.rejected_fraction(0, [{"reason": "unreadable_shard"}], 0) == 1.0
+    assert samples.bad_fraction(98, bad + [{"reason": "unreadable_shard"}], 2) == pytest.approx(52 / 150)
+    assert samples.bad_fraction(0, [{"reason": "unreadable_shard"}], 0) == 1.0
 
 
 def test_tar_reader_keeps_every_good_sample_of_each_bad_shard(tmp_path):

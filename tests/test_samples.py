@@ -113,8 +113,6 @@ def test_image_rule_upright_centre_square_then_resize():
 def test_bad_fraction_counts_an_unreadable_shard_as_an_average_shard():
     unreadable = [{"url": "u", "key": "u", "reason": "unreadable_shard", "detail": "x"}]
     assert samples.bad_fraction(199, unreadable, 199) == pytest.approx(1 / 200)  # 1 of 200 one-sample shards
-    assert samples.bad_fraction(0, unreadable, 0, uncounted_shards=199) == pytest.approx(1 / 200)
-    assert samples.bad_fraction(30, unreadable, 1, uncounted_shards=2) == pytest.approx(30 / 120)
     assert samples.bad_data_problem("s", "samples", 0.005, 0.01, unreadable, "s.max_bad_fraction") is None
     problem = samples.bad_data_problem("s", "samples", 0.5, 0.01, unreadable, "s.max_bad_fraction")
     assert "more than s.max_bad_fraction=0.01" in problem and "u (unreadable: x)" in problem
