@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from pipeline import tiny  # noqa: E402
-from pipeline.config import load_config  # noqa: E402
+from stages import load_config  # noqa: E402
 from stages import cache, distill  # noqa: E402
 
 

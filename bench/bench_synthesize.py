@@ -129,8 +129,9 @@ def bare_sampler(spec, prompts: list[str], batch_size: int) -> dict:
 def run_stage(root: Path, args) -> dict:
     """shards (eval only) -> teacher (the bundle) -> synthesize on the prompt file, in this Ray."""
     from pipeline import graph
-    from pipeline.config import load_config
+    import stages
     from pipeline.run import run_stages
+    from stages import load_config
 
     cfg = load_config(overrides=[
         f"workdir={root / 'wd'}", f"teacher.pretrained={args.bundle}", f"teacher.dtype={args.dtype}",
@@ -139,7 +140,7 @@ def run_stage(root: Path, args) -> dict:
         f"synthesize.guidance_scale={args.guidance_scale}", f"synthesize.batch_size={args.batch_size}",
         f"synthesize.prompts_per_shard={max(args.batch_size, args.prompts // 4)}",
         f"synthesize.num_cpus_per_actor={args.num_cpus_per_actor}", "tracking.experiment=bench-synthesize"])
-    planned = graph.plan(cfg, [s for s in graph.default_stages() if s.name in ("shards", "teacher", "synthesize")])
+    planned = graph.plan(cfg, [s for s in stages.default_stages() if s.name in ("shards", "teacher", "synthesize")])
     start = time.monotonic()
     if run_stages(cfg, planned, f"sqlite:///{root / 'wd' / 'mlflow.db'}", []) != 0:
         raise SystemExit("the synthesize stage failed (see above)")

@@ -17,7 +17,7 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("pipeline", "stages")
-WIRING = ("pipeline.config", "pipeline.graph", "pipeline.run")
+WIRING = ("stages", "pipeline.config", "pipeline.graph", "pipeline.run")
 
 
 def module_file(name: str) -> Path | None:

@@ -12,24 +12,25 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any
+from typing import Any, Callable
 
 EXIT_OK, EXIT_NO_RUNS, EXIT_CONFIG, EXIT_TRACKING = 0, 1, 2, 3
 
 
 def canonical_metrics() -> tuple[str, ...]:
-    from stages.evaluate import CANONICAL_METRICS
+    from pipeline.eval_record import CANONICAL_METRICS
 
     return CANONICAL_METRICS
 
 
-def main(argv: list[str]) -> int:
+def main(argv: list[str], load_config: Callable) -> int:
+    """`load_config(config_files, overrides)`: the tree's loader (`stages.load_config`, from run.py)."""
     from pipeline import config as config_mod
     from pipeline import tracking
 
     args = _parse_args(argv)
     try:
-        cfg = config_mod.load_config(args.config, args.overrides)
+        cfg = load_config(args.config, args.overrides)
     except config_mod.ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_CONFIG

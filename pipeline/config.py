@@ -1,31 +1,24 @@
-"""The typed config tree: `pipeline.yaml`, then `--config` files, then `key.sub=value` overrides.
+"""Loading the typed config tree: `pipeline.yaml`, then `--config` files, then `key.sub=value` overrides.
 
-Every section is a pydantic model with `extra="forbid"`. Stage sections live beside their stage
-(`stages/<stage>.py: Config`); this module composes them. `load_config` collects every problem
-(unknown keys, wrong types, out-of-range values) and raises one `ConfigError` listing them all,
-each naming the key, the bad value and what is valid, before anything touches Ray or MLflow.
+Every section is a `Section` (a pydantic model with `extra="forbid"`). Stage sections live beside
+their stage (`stages/<stage>: Config`) and `stages/__init__.py` composes the tree (`PipelineConfig`);
+this module holds the sections every stage shares (data, tracking, Ray) and the loading machinery.
+`load_config` collects every problem (unknown keys, wrong types, out-of-range values) and raises one
+`ConfigError` listing them all, each naming the key, the bad value and what is valid, before anything
+touches Ray or MLflow.
 """
 
 from __future__ import annotations
 
 import os
 import re
-import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from pipeline import shapes as dataset
-from pipeline.schedule import Config as ScheduleConfig
-from pipeline.swd.config import SwdConfig
-from stages.cache import Config as CacheConfig
-from stages.distill import Config as DistillConfig
-from stages.evaluate import Config as EvaluateConfig
-from stages.register import Config as RegisterConfig
-from stages.synthesize import Config as SynthesizeConfig
-from stages.teacher import Config as TeacherConfig
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = REPO_ROOT / "pipeline.yaml"
@@ -40,7 +33,12 @@ class ConfigError(ValueError):
 
 
 class Section(BaseModel):
+    """The base of every config section: unknown keys are errors, defaults are validated too.
+    `NOT_IN_FINGERPRINT` names the keys that change how a stage runs but not what it produces
+    (counts of actors, logging cadence, where checkpoints go); `pipeline.graph` leaves them out."""
+
     model_config = ConfigDict(extra="forbid", validate_default=True)
+    NOT_IN_FINGERPRINT: ClassVar[tuple[str, ...]] = ()
 
 
 class TrackingConfig(Section):
@@ -109,24 +107,6 @@ class DataConfig(Section):
         return v
 
 
-with warnings.catch_warnings():  # `register` is also ABCMeta.register; the field wins, as intended
-    warnings.filterwarnings("ignore", message='Field name "register"')
-
-    class PipelineConfig(Section):
-        workdir: Path = Path("workdir")
-        tracking: TrackingConfig = TrackingConfig()
-        ray: RayConfig = RayConfig()
-        data: DataConfig = DataConfig()
-        teacher: TeacherConfig = TeacherConfig()
-        synthesize: SynthesizeConfig = SynthesizeConfig()
-        swd: SwdConfig = SwdConfig()
-        cache: CacheConfig = CacheConfig()
-        distill: DistillConfig = DistillConfig()
-        evaluate: EvaluateConfig = EvaluateConfig()
-        register: RegisterConfig = RegisterConfig()
-        schedule: ScheduleConfig = ScheduleConfig()
-
-
 # ----------------------------------------------------------------------------- miniature overlays
 
 # A config file named `miniature.yaml` (cluster/miniature.yaml) shrinks a cluster profile to a
@@ -135,41 +115,25 @@ with warnings.catch_warnings():  # `register` is also ABCMeta.register; the fiel
 # gradient checkpointing, early exit, MMD features, loss weights and ranges, fake updates per step,
 # LoRA targets and rank, CFG and the number of scales all stay the profile's.
 MINIATURE_FILE_NAME = "miniature.yaml"
-MINIATURE_KEYS = (
-    "workdir", "ray.*", "data.*",
-    # the SD3.5-structured miniature teacher
-    "teacher.pretrained",
-    # the same schedule on the miniature's 8x smaller latents; the feature block at the same relative depth
-    "swd.latent_side_divisor", "swd.feature_block",
-    "cache.num_encoders", "cache.batch_size", "cache.num_cpus_per_encoder", "cache.num_gpus_per_encoder",
-    "cache.num_cpus_per_decoder", "cache.decode_batch_size", "cache.log_every_s",
-    "distill.num_steps", "distill.num_workers", "distill.batch_size_per_worker", "distill.use_gpu",
-    "distill.num_cpus_per_worker", "distill.num_gpus_per_worker", "distill.storage_path",
-    "distill.checkpoint_every", "distill.log_every", "distill.sample_every", "distill.sample_num_prompts",
-    "distill.shuffle_buffer_rows",
-    "evaluate.num_actors", "evaluate.num_cpus_per_actor", "evaluate.num_gpus_per_actor", "evaluate.batch_size",
-    "evaluate.max_prompts", "evaluate.score_batch_size", "evaluate.latency_warmup_batches",
-    "evaluate.latency_repeats", "evaluate.grid_prompts",
-    "register.device",
-)
 
 
-def miniature_problems(layer: dict, path: Path) -> list[str]:
-    """Every key of a miniature overlay outside MINIATURE_KEYS, one line each."""
+def miniature_problems(layer: dict, path: Path, miniature_keys: tuple[str, ...]) -> list[str]:
+    """Every key of a miniature overlay outside `miniature_keys` (the tree's MINIATURE_KEYS), one line each."""
     def allowed(key: str) -> bool:
-        return any(key == k or (k.endswith(".*") and key.startswith(k[:-1])) for k in MINIATURE_KEYS)
+        return any(key == k or (k.endswith(".*") and key.startswith(k[:-1])) for k in miniature_keys)
 
     return [f"{key}: a miniature overlay ({path}) may set only size and hardware keys, and {key} is not one; "
-            f"remove it from {path.name} (valid: {', '.join(MINIATURE_KEYS)})"
+            f"remove it from {path.name} (valid: {', '.join(miniature_keys)})"
             for key in flatten(layer) if not allowed(key)]
 
 
 # ----------------------------------------------------------------------------- loading
 
 
-def load_config(config_files: list[str | Path] = (), overrides: list[str] = (),
-                base: str | Path | None = DEFAULT_CONFIG) -> PipelineConfig:
-    """pipeline.yaml, then each `--config` file, then `key.sub=value` overrides, validated once."""
+def load_config(tree: type[BaseModel], config_files: list[str | Path] = (), overrides: list[str] = (),
+                base: str | Path | None = DEFAULT_CONFIG) -> BaseModel:
+    """pipeline.yaml, then each `--config` file, then `key.sub=value` overrides, validated once as
+    `tree` (`stages.PipelineConfig`; `stages.load_config` binds it)."""
     problems: list[str] = []
     merged: dict[str, Any] = {}
     for path in ([base] if base else []) + list(config_files):
@@ -179,7 +143,7 @@ def load_config(config_files: list[str | Path] = (), overrides: list[str] = (),
             problems += e.problems
             continue
         if Path(path).name == MINIATURE_FILE_NAME:
-            problems += miniature_problems(layer, Path(path))
+            problems += miniature_problems(layer, Path(path), getattr(tree, "MINIATURE_KEYS", ()))
         merged = _deep_merge(merged, layer)
     for item in overrides:
         try:
@@ -190,14 +154,14 @@ def load_config(config_files: list[str | Path] = (), overrides: list[str] = (),
         _set_dotted(merged, key, value)
     if problems:
         raise ConfigError(problems)
-    return validate(merged)
+    return validate(tree, merged)
 
 
-def validate(raw: dict[str, Any]) -> PipelineConfig:
+def validate(tree: type[BaseModel], raw: dict[str, Any]) -> BaseModel:
     try:
-        cfg = PipelineConfig.model_validate(raw)
+        cfg = tree.model_validate(raw)
     except ValidationError as e:
-        raise ConfigError(_describe_all(e.errors())) from None
+        raise ConfigError(_describe_all(tree, e.errors())) from None
     # Relative workdirs are relative to where the user runs the command, like any CLI path.
     cfg.workdir = Path(os.path.abspath(cfg.workdir))
     return cfg
@@ -231,7 +195,7 @@ def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def to_yaml(cfg: PipelineConfig) -> str:
+def to_yaml(cfg: BaseModel) -> str:
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
 
 
@@ -264,15 +228,15 @@ def _set_dotted(data: dict, key: str, value: Any) -> None:
     node[leaf] = value
 
 
-def _describe_all(errors: list[dict]) -> list[str]:
+def _describe_all(tree: type[BaseModel], errors: list[dict]) -> list[str]:
     """pydantic errors -> one 'key: bad value is invalid: what is valid' line per key."""
     by_key: dict[str, list[dict]] = {}
     for err in errors:
-        by_key.setdefault(".".join(_field_path(err)) or "(top level)", []).append(err)
+        by_key.setdefault(".".join(_field_path(tree, err)) or "(top level)", []).append(err)
     lines = []
     for key, errs in by_key.items():
         if errs[0]["type"] == "extra_forbidden":
-            valid = sorted(_fields_at(key.split(".")[:-1]))
+            valid = sorted(_fields_at(tree, key.split(".")[:-1]))
             lines.append(f"{key}: unknown key; valid keys here: {', '.join(valid)}")
             continue
         # A union (e.g. str | list[str]) reports one error per member: say them as alternatives.
@@ -287,11 +251,11 @@ def _describe_all(errors: list[dict]) -> list[str]:
 _SELF_DESCRIBING = re.compile(r"^[a-z_]+(\.[a-z_0-9]+)+: ")
 
 
-def _field_path(err: dict) -> list[str]:
+def _field_path(tree: type[BaseModel], err: dict) -> list[str]:
     """The config key of an error: field names and list indexes, without pydantic's
     union-member tags ('str', 'list[str]') and validator tags."""
     path: list[str] = []
-    model: type[BaseModel] | None = PipelineConfig
+    model: type[BaseModel] | None = tree
     loc = err["loc"]
     for i, part in enumerate(loc):
         unknown_key = err["type"] == "extra_forbidden" and i == len(loc) - 1
@@ -302,8 +266,8 @@ def _field_path(err: dict) -> list[str]:
     return path
 
 
-def _fields_at(loc: list[str]) -> list[str]:
-    model: type[BaseModel] = PipelineConfig
+def _fields_at(tree: type[BaseModel], loc: list[str]) -> list[str]:
+    model: type[BaseModel] = tree
     for part in loc:
         field = model.model_fields.get(part)
         ann = getattr(field, "annotation", None)

@@ -26,6 +26,8 @@ class StageContext:
     - `tracking_uri`, `run_id`: the stage's MLflow child run; pass both to Ray workers, which
       log with `mlflow.MlflowClient(tracking_uri).log_metric(run_id, ...)`.
     - `fingerprint`: this stage's fingerprint (hex).
+    - `log`: the stage run's `RunLog` (metrics, params, tags, artifacts); the graph logs the
+      declared OUTPUTS as artifacts after `run` returns.
     """
 
     name: str
@@ -40,3 +42,11 @@ class StageContext:
     fingerprint: str
     keep_scratch: bool = False
     summary: dict[str, Any] = field(default_factory=dict)  # stage puts small results here; lands in manifest.json
+
+    @property
+    def log(self):
+        from pipeline.run_log import RunLog
+
+        if "_log" not in self.__dict__:
+            self.__dict__["_log"] = RunLog(self.tracking_uri, self.run_id)
+        return self.__dict__["_log"]

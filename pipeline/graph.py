@@ -1,5 +1,9 @@
 """The stage graph and its fingerprint cache.
 
+A stage module declares `VERSION`, `SECTIONS` (the config sections it reads, its own first),
+`OUTPUTS` (what `run(ctx)` writes into `ctx.output_dir`; the graph checks them and logs them as the
+stage run's artifacts, or only `ARTIFACTS` when a stage declares it) and `run(ctx)`.
+
 A stage's fingerprint hashes its code version, the config sections it declares and its inputs'
 fingerprints (plus, for stages that read outside data, a digest of that data). A section leaves out
 the keys that do not change any stage's result (`section_fingerprint`: a Config's
@@ -30,7 +34,6 @@ from typing import Any, Callable
 
 from pydantic import BaseModel
 
-from pipeline.config import PipelineConfig
 from pipeline.context import StageContext
 
 MANIFEST = "manifest.json"
@@ -46,44 +49,14 @@ class StageSpec:
     inputs: tuple[str, ...] = ()
     # A variant of a stage (e.g. the full-resolution baseline distill) replaces some of the
     # sections it reads; the replaced sections feed its fingerprint like any config.
-    configure: Callable[[PipelineConfig], dict[str, BaseModel]] | None = None
+    configure: Callable[[BaseModel], dict[str, BaseModel]] | None = None
     # A stage that only runs when the config asks for it; downstream stages see no such input.
-    enabled: Callable[[PipelineConfig], bool] | None = None
+    enabled: Callable[[BaseModel], bool] | None = None
 
-    def sections(self, cfg: PipelineConfig) -> dict[str, BaseModel]:
+    def sections(self, cfg: BaseModel) -> dict[str, BaseModel]:
         """The config sections this stage reads, its own first."""
         sections = {s: getattr(cfg, s) for s in self.module.SECTIONS}
         return {**sections, **(self.configure(cfg) if self.configure else {})}
-
-
-def default_stages() -> list[StageSpec]:
-    from stages import cache, distill, evaluate, register, shards, synthesize, teacher
-
-    return [
-        StageSpec("shards", shards),
-        StageSpec("teacher", teacher, inputs=("shards",)),
-        StageSpec("synthesize", synthesize, inputs=("shards", "teacher"), enabled=synthesize.enabled),
-        StageSpec("cache", cache, inputs=("shards", "teacher", "synthesize")),
-        StageSpec("distill", distill, inputs=("cache", "teacher")),
-        StageSpec("distill_baseline", distill, inputs=("cache", "teacher"),
-                  # from the teacher, never a warm start: the scale-wise champion is no baseline
-                  configure=lambda cfg: {"swd": full_resolution_swd(cfg.swd),
-                                         "distill": cfg.distill.model_copy(update={"init_student": None})},
-                  enabled=lambda cfg: cfg.evaluate.baseline),
-        StageSpec("evaluate", evaluate, inputs=("shards", "teacher", "distill", "distill_baseline")),
-        StageSpec("register", register, inputs=("teacher", "distill", "evaluate")),
-    ]
-
-
-def full_resolution_swd(swd):
-    """The baseline SwD is compared against: every step at the largest scale, same sigmas."""
-    from pipeline.swd.config import SwdConfig
-
-    sched = swd.schedule
-    on_grid = sched.boundaries is not None
-    return SwdConfig.model_validate({
-        **swd.model_dump(), "preset": None, "scales": [sched.scales[-1]] * len(sched.scales),
-        "boundaries": sched.boundaries if on_grid else None, "sigmas": None if on_grid else sched.sigmas})
 
 
 @dataclass
@@ -105,7 +78,7 @@ class PlanError(ValueError):
     pass
 
 
-def plan(cfg: PipelineConfig, stages: list[StageSpec], only: set[str] = frozenset(),
+def plan(cfg: BaseModel, stages: list[StageSpec], only: set[str] = frozenset(),
          force: set[str] = frozenset()) -> list[PlannedStage]:
     """Fingerprint every stage in order and decide what runs. `only` restricts the run to the
     named stages (their inputs must already be committed); `force` re-runs named stages."""
@@ -154,7 +127,7 @@ def section_fingerprint(model: BaseModel) -> dict[str, Any]:
     return dump
 
 
-def not_in_fingerprint(spec: StageSpec, cfg: PipelineConfig) -> list[str]:
+def not_in_fingerprint(spec: StageSpec, cfg: BaseModel) -> list[str]:
     """Per section of the stage, the keys its fingerprint leaves out, for --dry-run: `distill.log_every,
     ...`, or `teacher.* except pretrained, ...` for a section that leaves out most of itself."""
     out = []
@@ -168,7 +141,7 @@ def not_in_fingerprint(spec: StageSpec, cfg: PipelineConfig) -> list[str]:
     return out
 
 
-def fingerprint(spec: StageSpec, cfg: PipelineConfig, input_fingerprints: dict[str, str]) -> str:
+def fingerprint(spec: StageSpec, cfg: BaseModel, input_fingerprints: dict[str, str]) -> str:
     sections = spec.sections(cfg)
     external = getattr(spec.module, "external_fingerprint", None)
     payload = {
@@ -189,7 +162,7 @@ def read_manifest(output_dir: Path) -> dict[str, Any]:
     return json.loads((output_dir / MANIFEST).read_text())
 
 
-def execute_stage(p: PlannedStage, cfg: PipelineConfig, inputs: dict[str, Path], tracking_uri: str,
+def execute_stage(p: PlannedStage, cfg: BaseModel, inputs: dict[str, Path], tracking_uri: str,
                   run_id: str, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run one stage into a temporary directory beside its output and commit it in one rename, the
     manifest already inside. Under a per-fingerprint lock: a second run of the same fingerprint waits,
@@ -228,6 +201,8 @@ def execute_stage(p: PlannedStage, cfg: PipelineConfig, inputs: dict[str, Path],
         if missing:
             shutil.rmtree(tmp, ignore_errors=True)
             raise RuntimeError(f"stage {p.name} finished without writing its declared outputs: {', '.join(missing)}")
+        for name in getattr(p.spec.module, "ARTIFACTS", getattr(p.spec.module, "OUTPUTS", ())):
+            ctx.log.artifact(tmp / name)  # the stage's declared outputs, on its MLflow run
         manifest = {
             "stage": p.name,
             "fingerprint": p.fingerprint,

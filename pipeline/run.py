@@ -1,6 +1,10 @@
 """Entry point: `python pipeline/run.py [--config FILE ...] [--dry-run] [--only STAGES] [--schedule-slot SLOT]
 [--force STAGES] [key.sub=value ...]`; `python pipeline/run.py compare [--last N]` compares recent
-runs (pipeline/compare.py).
+runs (pipeline/compare.py); `python pipeline/run.py link [--config FILE ...]` prints the link to the
+experiment's runs table in the MLflow UI.
+
+The one module of `pipeline/` that imports `stages/`: it takes the stage list and the config tree
+from `stages/__init__.py` and hands them to the graph.
 
 Steps: load and validate the config (all problems at once, exit 2) -> check the environment
 (shards, workdir; exit 2) -> plan the stage graph -> (--dry-run: print config and plan, stop) ->
@@ -24,11 +28,14 @@ import os
 import time
 import traceback
 
+import stages
 from pipeline import config as config_mod
 from pipeline import graph, schedule, tracking
-from pipeline.config import REPO_ROOT, ConfigError, PipelineConfig
+from pipeline.config import REPO_ROOT, ConfigError
 from pipeline.data import ShardError, expand_shards
-from stages import synthesize
+from pipeline.run_log import RunLog
+from pipeline.student_export import init_student_problems
+from stages import PipelineConfig, synthesize
 
 EXIT_CONFIG = 2
 EXIT_TRACKING = 3
@@ -43,13 +50,15 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["compare"]:  # `compare [--last N]`: recent runs' config differences and metrics
         from pipeline import compare
 
-        return compare.main(argv[1:])
+        return compare.main(argv[1:], stages.load_config)
+    if argv[:1] == ["link"]:
+        return link(argv[1:])
     args = _parse_args(argv)
-    stages = graph.default_stages()
+    stage_list = stages.default_stages()
     try:
-        cfg = config_mod.load_config(args.config, args.overrides)
+        cfg = stages.load_config(args.config, args.overrides)
         check_environment(cfg)
-        planned = graph.plan(cfg, stages, only=_names(args.only), force=_names(args.force))
+        planned = graph.plan(cfg, stage_list, only=_names(args.only), force=_names(args.force))
         slot = schedule.resolve_slot(args.schedule_slot, cfg.schedule.slot_s) if args.schedule_slot else None
     except (ConfigError, graph.PlanError, schedule.ScheduleError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -73,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if slot is not None:  # scheduled retraining: idempotent slot, lease, new shards, warm start
         return schedule.run_scheduled(cfg, slot, uri, argv, init_ray=init_ray, run_stages=run_stages,
-                                      plan=lambda c: graph.plan(c, stages, only=_names(args.only), force=_names(args.force)))
+                                      plan=lambda c: graph.plan(c, stage_list, only=_names(args.only), force=_names(args.force)))
     if any(p.action == "run" for p in planned):  # a fully cached rerun needs no Ray
         init_ray(cfg)
     return run_stages(cfg, planned, uri, argv)
@@ -130,11 +139,7 @@ def _mirror_parent_metrics(mlc, parent: str, manifest: dict) -> None:
     """A stage's `summary["parent_metrics"]` (the evaluate stage's canonical metrics) go onto the
     parent run, for a fresh and a cached stage alike, so the MLflow UI compares pipeline runs."""
     values = (manifest.get("summary") or {}).get("parent_metrics") or {}
-    if values:
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
-        mlc.log_batch(parent, metrics=[Metric(k, float(v), now, 0) for k, v in values.items()])
+    RunLog.of(mlc, parent).metrics(values)
 
 
 def check_environment(cfg: PipelineConfig) -> None:
@@ -162,8 +167,6 @@ def check_environment(cfg: PipelineConfig) -> None:
     except OSError as e:
         problems.append(f"workdir: {str(cfg.workdir)!r} is not writable ({e.strerror}); choose another with workdir=PATH")
     # A warm-start student: the directory, its LoRA adapter, and that adapter's LoRA config vs swd.student.
-    from stages.distill import init_student_problems
-
     problems += init_student_problems(cfg.distill.init_student, cfg.swd.student)
     if problems:
         raise ConfigError(problems)
@@ -228,6 +231,31 @@ def init_ray(cfg: PipelineConfig) -> None:
     ray.init(address="local", num_cpus=cfg.ray.num_cpus, num_gpus=cfg.ray.num_gpus,
              object_store_memory=int(cfg.ray.object_store_memory_gib * gib) if cfg.ray.object_store_memory_gib else None,
              include_dashboard=False, runtime_env=env, log_to_driver=True)
+
+
+def link(argv: list[str]) -> int:
+    """`link [--config FILE ...] [key.sub=value ...]`: print the link to the runs table of the
+    configured experiment (config resolved as a run resolves it)."""
+    parser = argparse.ArgumentParser(prog="pipeline/run.py link",
+                                     description="Print the link to the runs table of the configured experiment.")
+    parser.add_argument("--config", action="append", default=[], metavar="FILE")
+    parser.add_argument("overrides", nargs="*", metavar="key.sub=value")
+    args = parser.parse_args(argv)
+    try:
+        cfg = stages.load_config(args.config, args.overrides)
+        uri = tracking.tracking_uri(cfg)
+        if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
+            raise tracking.TrackingError(f"{uri} does not exist yet: run the pipeline first")
+        tracking.check_reachable(uri, cfg.tracking.connect_timeout_s)
+    except (ConfigError, tracking.TrackingError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    exp = tracking.client(uri).get_experiment_by_name(cfg.tracking.experiment)
+    if exp is None:
+        print(f"error: no experiment {cfg.tracking.experiment!r} in {uri} yet: run the pipeline first", file=sys.stderr)
+        return 1
+    print(tracking.runs_page_url(uri, exp.experiment_id))
+    return 0
 
 
 def _names(values: list[str]) -> set[str]:

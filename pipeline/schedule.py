@@ -388,7 +388,7 @@ def warm_start(cfg, mlc, uri: str, enabled: bool) -> tuple[Any, str]:
     where = f"champion {champ['name']} v{champ['version']}"
     import mlflow.artifacts
 
-    from stages.distill import init_student_problems
+    from pipeline.student_export import init_student_problems, model_dir
 
     local = schedule_dir(cfg.workdir) / "champions" / f"{champ['name']}-v{champ['version']}"
     if not local.is_dir():
@@ -396,21 +396,12 @@ def warm_start(cfg, mlc, uri: str, enabled: bool) -> tuple[Any, str]:
         mlflow.artifacts.download_artifacts(artifact_uri=champ["source"], dst_path=str(tmp),
                                             tracking_uri=uri)
         os.replace(tmp, local)
-    model = _model_dir(local)
+    model = model_dir(local)
     problems = init_student_problems(str(model), cfg.swd.student)
     if problems:
         return cfg, f"{where} not used: {' '.join(problems)}; the student was trained from the teacher"
     distill = cfg.distill.model_copy(update={WARM_START_FIELD: str(model)})
     return cfg.model_copy(update={"distill": distill}), f"{where} ({model})"
-
-
-def _model_dir(local: Path) -> Path:
-    """The MLflow model directory (the one holding `MLmodel`) in a download: the download itself, or
-    the artifact directory it holds (`download_artifacts` keeps the artifact's name, e.g. `student/`)."""
-    if (local / "MLmodel").is_file():
-        return local
-    found = sorted(local.glob("*/MLmodel"))
-    return found[0].parent if len(found) == 1 else local
 
 
 # ----------------------------------------------------------------------------- the scheduled run

@@ -182,7 +182,7 @@ def synthetic_cache(root: str | Path, bundle_dir: str | Path, rows: int, scales:
 
     from pipeline.shapes import COLOURS_RGB, SHAPES
     from pipeline.teacher import load_bundle, text_settings
-    from stages import cache
+    from pipeline import latent_cache as cache
 
     root = Path(root)
     colours = list(COLOURS_RGB)

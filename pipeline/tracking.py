@@ -14,21 +14,21 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import REPO_ROOT, PipelineConfig, flatten, to_yaml
+from pipeline.config import REPO_ROOT, flatten, to_yaml
+from pipeline.run_log import RunLog
 
-PARAM_VALUE_MAX_CHARS = 6000  # MLflow's limit for one param value
 
 
 class TrackingError(RuntimeError):
     pass
 
 
-def tracking_uri(cfg: PipelineConfig) -> str:
+def tracking_uri(cfg) -> str:
     """tracking.uri, else $MLFLOW_TRACKING_URI, else a SQLite store under the workdir."""
     return cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{cfg.workdir / 'mlflow.db'}"
 
 
-def artifact_location(cfg: PipelineConfig, uri: str) -> str | None:
+def artifact_location(cfg, uri: str) -> str | None:
     """Local stores keep artifacts beside the database; a server decides for itself."""
     if uri.startswith(("sqlite:", "file:")) or "://" not in uri:
         return (cfg.workdir / "mlartifacts").as_uri()
@@ -151,7 +151,7 @@ _VALUE_OPTIONS = {"--config": None, "--only": "only", "--force": "force", "--sch
 _WHERE_KEYS = ("workdir", "tracking", "ray")  # where a run runs and logs, not what it trains
 
 
-def config_fingerprint(cfg: PipelineConfig) -> str:
+def config_fingerprint(cfg) -> str:
     """8 hex digits of the resolved config, without where it runs (workdir, tracking, ray)."""
     import hashlib
     import json
@@ -160,7 +160,7 @@ def config_fingerprint(cfg: PipelineConfig) -> str:
     return hashlib.sha256(json.dumps(items, sort_keys=True).encode()).hexdigest()[:8]
 
 
-def parent_run_name(cfg: PipelineConfig, argv: list[str], tags: dict[str, str] | None = None) -> str:
+def parent_run_name(cfg, argv: list[str], tags: dict[str, str] | None = None) -> str:
     """`<profile stems or "embedded"> [<overrides, shortened>] [slot <slot>] #<config fingerprint>`,
     e.g. `sd35-medium-6step+miniature num_steps=3000 #1a2b3c4d`: tells apart the invocations of one
     experiment in the runs table (argv and every param are on the run too)."""
@@ -195,7 +195,7 @@ def parent_run_name(cfg: PipelineConfig, argv: list[str], tags: dict[str, str] |
     return body + tail
 
 
-def start_parent_run(mlc, experiment_id: str, cfg: PipelineConfig, argv: list[str],
+def start_parent_run(mlc, experiment_id: str, cfg, argv: list[str],
                      stage_names: list[str], tags: dict[str, str] | None = None) -> str:
     """The parent run of one invocation; `tags` (e.g. `schedule.slot`) are set on it and a
     schedule slot is part of its name."""
@@ -231,11 +231,7 @@ def start_stage_run(mlc, experiment_id: str, parent_id: str, stage: str, fp: str
 
 
 def log_params(mlc, run_id: str, params: dict[str, Any]) -> None:
-    from mlflow.entities import Param
-
-    items = [Param(k, str(v)[:PARAM_VALUE_MAX_CHARS]) for k, v in params.items()]
-    for i in range(0, len(items), 100):  # MLflow accepts at most 100 params per batch
-        mlc.log_batch(run_id, params=items[i:i + 100])
+    RunLog.of(mlc, run_id).params(params)
 
 
 def finish(mlc, run_id: str, status: str) -> None:
@@ -249,37 +245,3 @@ def git_commit() -> str:
         return out.stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m pipeline.tracking [--config FILE ...] [key.sub=value ...]`: print the link to the
-    runs table of the configured experiment (config resolved as pipeline/run.py resolves it)."""
-    import argparse
-    import sys
-
-    from pipeline.config import ConfigError, load_config
-
-    parser = argparse.ArgumentParser(prog="python -m pipeline.tracking",
-                                     description="Print the link to the runs table of the configured experiment.")
-    parser.add_argument("--config", action="append", default=[], metavar="FILE")
-    parser.add_argument("overrides", nargs="*", metavar="key.sub=value")
-    args = parser.parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides)
-        uri = tracking_uri(cfg)
-        if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
-            raise TrackingError(f"{uri} does not exist yet: run the pipeline first")
-        check_reachable(uri, cfg.tracking.connect_timeout_s)
-    except (ConfigError, TrackingError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    exp = client(uri).get_experiment_by_name(cfg.tracking.experiment)
-    if exp is None:
-        print(f"error: no experiment {cfg.tracking.experiment!r} in {uri} yet: run the pipeline first", file=sys.stderr)
-        return 1
-    print(runs_page_url(uri, exp.experiment_id))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

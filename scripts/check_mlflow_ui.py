@@ -44,7 +44,7 @@ def record_runs(uri: str, workdir: Path) -> tuple[str, str, str]:
     """An experiment, a parent run and a finished `shards` stage run, the way pipeline/run.py
     makes them. Returns (experiment id, parent run id, parent run name)."""
     from pipeline import tracking
-    from pipeline.config import load_config
+    from stages import load_config
 
     cfg = load_config([], [f"workdir={workdir}", f"tracking.uri={uri}", f"tracking.experiment={EXPERIMENT}",
                            *[a for a in ARGV if "=" in a]])

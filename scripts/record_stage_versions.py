@@ -15,7 +15,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pipeline.code_version import REPO_ROOT, code_digest  # noqa: E402
-from pipeline.graph import default_stages  # noqa: E402
+from stages import default_stages  # noqa: E402
 
 RECORD = REPO_ROOT / "tests" / "stage_versions.json"
 

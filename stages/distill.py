@@ -55,11 +55,11 @@ from typing import ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from pipeline.context import StageContext
+from pipeline.student_export import (SCHEDULE_FILE, STUDENT_DIR, adapter_digest, init_student_adapter,
+                                     init_student_problems, schedule_record)
 
 VERSION = "2"
 SECTIONS = ("distill", "swd", "teacher")
-STUDENT_DIR = "student"
-SCHEDULE_FILE = "schedule.json"
 SUMMARY_FILE = "distill.json"
 OUTPUTS = (STUDENT_DIR, SCHEDULE_FILE, SUMMARY_FILE)
 HOOKS_ENV = "SWD_DISTILL_TEST_HOOKS"
@@ -67,10 +67,8 @@ STATE_FILE = "state.json"   # rank 0's loop state inside each checkpoint
 EXPORT_DIR = "export"       # the final checkpoint also holds the export
 ENGINE_TAG = "state"        # DeepSpeed checkpoint tag (one per Ray Train checkpoint directory)
 PROGRESS_METRIC = "progress"  # logged with every batch of metrics: the last step in MLflow
-LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # the LoRA export's file (pipeline.swd.save_student)
 # Where distill.init_student's adapter may lie, first match wins: the `student/` export itself, a distill
 # stage output, an MLflow model of the register stage (pyfunc artifact "export" = the distill export).
-INIT_STUDENT_LAYOUTS = (".", STUDENT_DIR, f"artifacts/export/{STUDENT_DIR}")
 
 
 class Config(BaseModel):
@@ -140,89 +138,11 @@ class Config(BaseModel):
 # ----------------------------------------------------------------------------- warm start
 
 
-def init_student_adapter(init_student: str) -> Path:
-    """The LoRA adapter file of `distill.init_student`: the first of D/, D/student/ (a distill stage output)
-    and D/artifacts/export/student/ (an MLflow model logged by the register stage) holding LORA_WEIGHTS.
-    ValueError naming the key otherwise."""
-    directory = Path(os.path.expanduser(init_student))
-    if not directory.is_dir():
-        what = "is a file, not a directory" if directory.exists() else "does not exist"
-        raise ValueError(f"distill.init_student: {init_student!r} {what}; give a directory holding a student "
-                         f"exported by this pipeline (a distill output, its {STUDENT_DIR}/, or a registered model "
-                         f"downloaded from MLflow) or null to start from the teacher")
-    for sub in INIT_STUDENT_LAYOUTS:
-        if (directory / sub / LORA_WEIGHTS).is_file():
-            return (directory / sub / LORA_WEIGHTS).resolve()
-    looked = ", ".join(str(Path(init_student) / sub / LORA_WEIGHTS) for sub in INIT_STUDENT_LAYOUTS)
-    raise ValueError(f"distill.init_student: {init_student!r} holds no student LoRA adapter (looked for {looked}); "
-                     f"give a LoRA student exported by this pipeline (a full fine-tune export cannot warm start "
-                     f"a LoRA student) or null to start from the teacher")
-
-
-def adapter_lora_config(path: Path) -> dict | None:
-    """The adapter's LoraConfig (r, lora_alpha, target_modules, ...) from the safetensors header that
-    `save_student` writes; None when the file carries none. Reads the header only."""
-    from safetensors import safe_open
-
-    with safe_open(str(path), "pt") as f:
-        raw = (f.metadata() or {}).get("lora_adapter_metadata")
-    if not raw:
-        return None
-    prefix = "transformer."
-    return {k.removeprefix(prefix): v for k, v in json.loads(raw).items()}
-
-
-def init_student_problems(init_student: str | None, student) -> list[str]:
-    """Before any Ray work: the warm-start source exists, holds a LoRA adapter, and (per its LoraConfig)
-    has the rank, alpha and target modules of `swd.student`. One line per problem."""
-    if init_student is None:
-        return []
-    if student.full_finetune:
-        return [f"distill.init_student: {init_student!r} warm-starts a LoRA student, but swd.student.full_finetune="
-                f"true trains every weight; set distill.init_student=null or swd.student.full_finetune=false"]
-    try:
-        path = init_student_adapter(init_student)
-    except ValueError as e:
-        return [str(e)]
-    try:
-        lora = adapter_lora_config(path)
-    except Exception as e:  # noqa: BLE001 - safetensors' SafetensorError, a bad JSON header
-        return [f"distill.init_student: {init_student!r}: {str(path)!r} is not a readable safetensors adapter "
-                f"({e}); give a LoRA student exported by this pipeline or null"]
-    if lora is None:
-        return []  # no LoraConfig in the file: the workers compare tensor shapes when they load it
-    theirs = {"lora_rank": lora.get("r"), "lora_alpha": lora.get("lora_alpha"),
-              "target_modules": sorted(lora.get("target_modules") or [])}
-    ours = {"lora_rank": student.lora_rank, "lora_alpha": float(student.lora_alpha),
-            "target_modules": sorted(student.target_modules)}
-    if isinstance(theirs["lora_alpha"], (int, float)):
-        theirs["lora_alpha"] = float(theirs["lora_alpha"])
-    differ = [k for k in ours if theirs[k] != ours[k]]
-    if not differ:
-        return []
-    return [f"distill.init_student: the adapter {str(path)!r} has " + ", ".join(f"{k} {theirs[k]}" for k in differ)
-            + "; swd.student has " + ", ".join(f"{k} {ours[k]}" for k in differ)
-            + "; set " + " ".join(f"swd.student.{k}={theirs[k]}".replace(" ", "") for k in differ)
-            + " to continue from it, or distill.init_student=null to start from the teacher"]
-
-
 def external_fingerprint(sections: dict) -> list | None:
     """A warm-start adapter's content (sha256) joins the fingerprint: a new champion re-runs distill,
     the same one is a cache hit."""
-    import hashlib
-
     cfg: Config = sections["distill"]
-    if cfg.init_student is None:
-        return None
-    try:
-        path = init_student_adapter(cfg.init_student)
-    except ValueError:
-        return [cfg.init_student, "missing"]
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return [str(path), digest.hexdigest()]
+    return None if cfg.init_student is None else adapter_digest(cfg.init_student)
 
 
 # ----------------------------------------------------------------------------- stage (driver)
@@ -232,7 +152,7 @@ def run(ctx: StageContext) -> None:
     import mlflow
 
     from pipeline.teacher import bundle_location, resolve_pretrained
-    from stages.cache import read_manifest
+    from pipeline.latent_cache import read_manifest
 
     cfg: Config = ctx.config
     swd, teacher = ctx.sections["swd"], ctx.sections["teacher"]
@@ -314,7 +234,7 @@ def fit(spec: "LoopSpec", cache_dir: str | Path, storage_path: str, name: str, c
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from stages.cache import read_cache
+    from pipeline.latent_cache import read_cache
 
     resources = {"CPU": cfg.num_cpus_per_worker}
     if cfg.use_gpu:
@@ -399,7 +319,7 @@ def check_cache_text(manifest: dict, directory: Path, teacher) -> dict:
     (files), T5 loaded or not, the same T5 length. The "" prompt the workers encode for CFG must match
     them. Returns the text settings; ValueError naming the key otherwise."""
     from pipeline.teacher import text_settings
-    from stages.cache import encoder_digest
+    from pipeline.latent_cache import encoder_digest
 
     expected = {**text_settings(directory, teacher.load_t5, teacher.max_sequence_length),
                 "encoder_digest": encoder_digest(directory)}
@@ -443,7 +363,7 @@ def sample_prompts(cache_dir: str | Path, n: int) -> dict:
     """The first n rows of the cache: prompts and their embeddings (rows of the sample grid)."""
     import pyarrow.dataset as pads
 
-    from stages.cache import decode_batch, read_manifest
+    from pipeline.latent_cache import decode_batch, read_manifest
 
     manifest = read_manifest(cache_dir)
     dirs = [e["dir"] for e in manifest["shards"] if e["rows"]]
@@ -452,26 +372,6 @@ def sample_prompts(cache_dir: str | Path, n: int) -> dict:
     batch = decode_batch(table)
     return {"prompts": batch["prompt"], "prompt_embeds": batch["prompt_embeds"].float().numpy(),
             "pooled_prompt_embeds": batch["pooled_prompt_embeds"].float().numpy()}
-
-
-def schedule_record(swd, vae_scale_factor: int, export_kind: str) -> dict:
-    """The schedule, and the stock diffusers recipe that samples with it."""
-    s = swd.schedule
-    return {
-        "scales": s.scales, "sigmas": s.sigmas, "boundaries": s.boundaries,
-        "grid": {"num_steps": swd.grid.num_steps, "shift": swd.grid.shift},
-        "vae_scale_factor": vae_scale_factor, "pixel_sides": [x * vae_scale_factor for x in s.scales],
-        "student": {"kind": export_kind, "dir": STUDENT_DIR,
-                    "weight_name": "pytorch_lora_weights.safetensors" if export_kind == "lora" else None},
-        "diffusers": {
-            "pipeline": "StableDiffusion3Pipeline",
-            "scheduler": "FlowMatchLCMScheduler", "scheduler_kwargs": {"shift": 1.0},
-            "set_scale_factors": {"scale_factors": [x / s.scales[0] for x in s.scales[1:]], "upscale_mode": "bicubic"},
-            "call_kwargs": {"sigmas": s.sigmas[:-1], "num_inference_steps": len(s.scales),
-                            "height": s.scales[0] * vae_scale_factor, "width": s.scales[0] * vae_scale_factor,
-                            "guidance_scale": 1.0},
-        },
-    }
 
 
 # ----------------------------------------------------------------------------- worker
@@ -534,7 +434,8 @@ class Trainer:
         import deepspeed
         import torch
 
-        from pipeline.swd import TextCond, build_networks, load_student_lora
+        from pipeline.student_export import load_student_lora
+        from pipeline.swd import TextCond, build_networks
         from pipeline.teacher import load_bundle
 
         # bf16 engines hold bf16 weights (fp32 master copies of the trained ones in the optimiser):
@@ -798,7 +699,7 @@ class Trainer:
         ZeRO-3 every rank first gathers the parameters it needs."""
         import deepspeed
 
-        from pipeline.swd import save_student
+        from pipeline.student_export import save_student
 
         module = self.student.module
         params = [p for p in module.parameters() if p.requires_grad] if not self.swd.student.full_finetune \
@@ -994,7 +895,7 @@ def _collate_fn():
     """Arrow batch of cache rows -> {column: float tensor} (moved to the device by Ray Train)."""
     from ray.data.collate_fn import ArrowBatchCollateFn
 
-    from stages.cache import decode_batch
+    from pipeline.latent_cache import decode_batch
 
     class Collate(ArrowBatchCollateFn):
         def __call__(self, batch):

@@ -43,7 +43,6 @@ diffusers / PEFT LoRA directory from `pipeline.swd.networks.save_student`, or a 
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import math
 import os
@@ -56,34 +55,19 @@ from typing import ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from pipeline.context import StageContext
+from pipeline.eval_record import CANONICAL_METRICS, METRICS_FILE
+from pipeline.generate import Generator, GeneratorSpec, decode_png, encode_png
+from pipeline.student_export import read_schedule
 from pipeline.samples import (DEFAULT_MAX_BAD_FRACTION, ShardReads, bad_data_problem, by_reason, decode_image,
                               read_shards, square_image)
 
 VERSION = "2"
 SECTIONS = ("evaluate", "teacher")
-METRICS_FILE = "metrics.json"
 REPORT_FILE = "report.md"
 GRID_FILE = "samples.png"
 STRIP_FILE = "progression.png"
 OUTPUTS = (METRICS_FILE, REPORT_FILE, GRID_FILE, STRIP_FILE)
 METRICS_VERSION = "1"  # of the metric definitions below; part of the eval-set fingerprint
-
-# The distill stage's export (the only place this module assumes its layout).
-STUDENT_DIR = "student"
-SCHEDULE_FILE = "schedule.json"
-LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
-
-GENERATORS = ("student", "teacher", "baseline")
-CANONICAL_METRICS = (
-    "student_fd", "teacher_fd", "baseline_fd",
-    "student_adherence", "teacher_adherence", "baseline_adherence",
-    "student_latency_s", "teacher_latency_s", "baseline_latency_s",
-    "speedup_vs_teacher", "speedup_vs_baseline",
-)
-# Metrics of the student the register stage may promote on, and whether higher is better.
-HIGHER_IS_BETTER = {"student_fd": False, "student_fid": False, "student_latency_s": False,
-                    "student_adherence": True, "student_clip_score": True,
-                    "speedup_vs_teacher": True, "speedup_vs_baseline": True}
 
 
 class EvaluateError(ValueError):
@@ -404,151 +388,7 @@ def chunk_seed(seed: int, chunk: int) -> int:
 # ----------------------------------------------------------------------------- the student export
 
 
-def read_schedule(distill_output_dir: str | Path) -> dict:
-    """The scale-wise schedule the distill stage exported: {"scales": [...], "sigmas": [...]}."""
-    path = Path(distill_output_dir) / SCHEDULE_FILE
-    if not path.is_file():
-        raise EvaluateError(f"evaluate: {path} is missing: the distill output at {distill_output_dir} has no "
-                            f"exported schedule ({SCHEDULE_FILE})")
-    schedule = json.loads(path.read_text())
-    scales, sigmas = schedule.get("scales"), schedule.get("sigmas")
-    if not scales or not sigmas or len(sigmas) != len(scales) + 1:
-        raise EvaluateError(f"evaluate: {path}: expected scales (N latent sides) and sigmas (N + 1 values), got "
-                            f"scales={scales}, sigmas={sigmas}")
-    return {"scales": [int(s) for s in scales], "sigmas": [float(s) for s in sigmas]}
-
-
-def load_student(distill_output_dir: str | Path, bundle, in_place: bool = True):
-    """(student transformer, schedule) from a distill output, on the bundle's device and dtype.
-
-    A LoRA export is loaded into the teacher's transformer and fused into its weights (the LoRA
-    layers removed again), so the student runs at the cost of a plain transformer: in place (the
-    bundle's transformer *is* the student afterwards) or, with `in_place=False`, into a copy (the
-    bundle keeps the teacher). A full export is loaded as its own SD3Transformer2DModel."""
-    import copy
-
-    directory = Path(distill_output_dir) / STUDENT_DIR
-    schedule = read_schedule(distill_output_dir)
-    if (directory / LORA_WEIGHTS).is_file():
-        transformer = bundle.transformer if in_place else copy.deepcopy(bundle.transformer)
-        transformer.load_lora_adapter(str(directory), weight_name=LORA_WEIGHTS, adapter_name="student",
-                                      prefix="transformer")
-        transformer.fuse_lora(lora_scale=1.0)
-        transformer.unload_lora()  # keeps the fused weights, drops the LoRA layers
-    elif (directory / "config.json").is_file():
-        from diffusers import SD3Transformer2DModel
-
-        transformer = SD3Transformer2DModel.from_pretrained(directory, torch_dtype=bundle.dtype, use_safetensors=True,
-                                                            local_files_only=True).to(bundle.device)
-    else:
-        raise EvaluateError(f"evaluate: {directory} holds neither a LoRA export ({LORA_WEIGHTS}) nor a full "
-                            f"transformer (config.json); expected the distill stage's student export")
-    transformer.eval().requires_grad_(False)
-    return transformer, schedule
-
-
 # ----------------------------------------------------------------------------- generators
-
-
-@dataclass
-class GeneratorSpec:
-    """What a generation actor or latency task loads; picklable for Ray."""
-    name: str
-    location: str
-    dtype: str
-    device: str
-    load_t5: bool | str
-    local_files_only: bool
-    max_sequence_length: int | None = None  # teacher.max_sequence_length (null: the teacher's own)
-    num_threads: int | None = 1  # torch threads on the CPU (None: leave torch's setting)
-    student_dir: str | None = None  # a distill output: scale-wise student; None: the teacher
-    teacher_num_steps: int = 28
-    guidance_scale: float = 1.0
-    latent_side: int | None = None  # the teacher's output latent side
-
-
-class Generator:
-    """A model loaded once: prompts and a seed -> uint8 images [B, H, W, 3]. Generators given the same
-    `bundle` share its text encoders and VAE (each student gets its own transformer)."""
-
-    def __init__(self, spec: GeneratorSpec, bundle=None):
-        import torch
-
-        from pipeline.swd.schedules import teacher_sigmas
-        from pipeline.teacher import load_bundle
-
-        if spec.device == "cpu" and spec.num_threads:
-            torch.set_num_threads(spec.num_threads)
-        self.spec = spec
-        self.bundle = bundle or load_bundle(spec.location, spec.dtype, spec.device, spec.local_files_only, spec.load_t5,
-                                              spec.max_sequence_length)
-        # channels-last convolutions: the VAE decode is ~1.3x faster on the CPU (measured), and it is a
-        # fixed cost of every generator
-        self.bundle.vae.to(memory_format=torch.channels_last)
-        if spec.student_dir:
-            self.transformer, schedule = load_student(spec.student_dir, self.bundle, in_place=bundle is None)
-            self.scales, self.sigmas, self.guidance_scale = schedule["scales"], schedule["sigmas"], 1.0
-        else:
-            self.transformer = self.bundle.transformer
-            shift = float(self.bundle.scheduler.config.get("shift", 1.0))
-            self.sigmas = teacher_sigmas(spec.teacher_num_steps, shift)
-            self.scales = [spec.latent_side or int(self.transformer.config.sample_size)]
-            self.guidance_scale = spec.guidance_scale
-            self.uncond = self.encode([""])
-        self.num_forwards = (len(self.sigmas) - 1) * (1 if self.guidance_scale == 1.0 or spec.student_dir else 2)
-
-    def encode(self, prompts: list[str]):
-        import torch
-
-        from pipeline.swd.sampler import TextCond
-
-        with torch.inference_mode():
-            return TextCond(*self.bundle.encode_prompt(list(prompts)))
-
-    def sample(self, cond, seed: int, return_steps: bool = False, noise=None):
-        """Latents [B, C, s, s] (and per-step clean estimates) for encoded prompts; the starting
-        `noise` when given (one tensor per sample), else drawn from `seed`."""
-        import torch
-
-        from pipeline.swd.sampler import sample_scalewise, sample_teacher
-
-        generator = torch.Generator(self.bundle.device).manual_seed(seed)
-        with torch.inference_mode():
-            if self.spec.student_dir:
-                return sample_scalewise(self.transformer, cond, self.scales, self.sigmas, generator=generator,
-                                        return_steps=return_steps, noise=noise)
-            return sample_teacher(self.transformer, cond, self.uncond, self.sigmas, self.scales[-1],
-                                  guidance_scale=self.guidance_scale, generator=generator, noise=noise)
-
-    def decode(self, latents):
-        """Normalised latents -> uint8 [B, H, W, 3]."""
-        import torch
-
-        with torch.inference_mode():
-            pixels = self.bundle.decode_latents(latents.contiguous(memory_format=torch.channels_last))
-            return ((pixels.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-
-    def __call__(self, prompts: list[str], seed: int):
-        return self.decode(self.sample(self.encode(prompts), seed))
-
-    def progression(self, prompts: list[str], seed: int, side: int):
-        """uint8 [len(prompts), steps, side, side, 3]: each step's clean estimate, decoded and shown at `side`."""
-        import numpy as np
-        from PIL import Image
-
-        _, steps = self.sample(self.encode(prompts), seed, return_steps=True)
-        frames = []
-        for x0 in steps:
-            decoded = self.decode(x0)
-            frames.append(np.stack([np.asarray(Image.fromarray(im).resize((side, side), Image.NEAREST))
-                                    for im in decoded]))
-        return np.stack(frames, axis=1)
-
-    def sync(self) -> None:
-        import torch
-
-        if self.bundle.device.type == "cuda":
-            torch.cuda.synchronize(self.bundle.device)
 
 
 class GenerateActor:
@@ -620,21 +460,6 @@ def reference_dataset(samples: list[dict]):
     items = [{"generator": "data", "index": i, "prompt": s["prompt"], "image_bytes": s["image"]}
              for i, s in enumerate(samples)]
     return ray.data.from_items(items, override_num_blocks=max(1, min(len(items) // 64, 64)))
-
-
-def encode_png(image) -> bytes:
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(image).save(buf, format="PNG", compress_level=1)
-    return buf.getvalue()
-
-
-def decode_png(data: bytes):
-    import numpy as np
-    from PIL import Image
-
-    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
 
 
 def measure_latency(specs: list[GeneratorSpec], prompts: list[str], cfg: Config, gpus: float,

@@ -30,13 +30,15 @@ import math
 import shutil
 import tempfile
 import time
-import warnings
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from pipeline.context import StageContext
+from pipeline.eval_record import CANONICAL_METRICS, HIGHER_IS_BETTER, METRICS_FILE
+from pipeline.generate import MODEL_CODE
+from pipeline.student_export import SCHEDULE_FILE, STUDENT_DIR
 
 VERSION = "2"
 SECTIONS = ("register", "teacher")
@@ -48,13 +50,6 @@ PROMOTION_TAG = "promotion"  # on each version: promoted, or why not
 EVAL_SET_TAG = "eval_set_fingerprint"
 METRIC_TAG_PREFIX = "metric."
 REPO_ROOT = Path(__file__).resolve().parent.parent
-_MODEL_CODE = '''"""MLflow models-from-code entry of the SwD student (written by stages/register.py)."""
-import mlflow
-
-from stages.register import student_model
-
-mlflow.models.set_model(student_model())
-'''
 
 
 class RegisterError(ValueError):
@@ -84,8 +79,6 @@ class Config(BaseModel):
     @field_validator("metric")
     @classmethod
     def _known_metric(cls, v: str) -> str:
-        from stages.evaluate import HIGHER_IS_BETTER
-
         if v not in HIGHER_IS_BETTER:
             raise ValueError(f"register.metric: {v!r} is not a metric the evaluate stage compares on; valid: "
                              f"{', '.join(sorted(HIGHER_IS_BETTER))}")
@@ -98,7 +91,6 @@ class Config(BaseModel):
 def run(ctx: StageContext) -> None:
     import mlflow
 
-    from stages.evaluate import CANONICAL_METRICS, HIGHER_IS_BETTER, METRICS_FILE
 
     cfg: Config = ctx.config
     teacher_cfg = ctx.sections["teacher"]
@@ -141,7 +133,6 @@ def run(ctx: StageContext) -> None:
               "champion_before": None if champion is None else {k: champion[k] for k in ("version", "value",
                                                                                          "eval_set_fingerprint")}}
     (ctx.output_dir / RESULT_FILE).write_text(json.dumps(result, indent=1) + "\n")
-    mlc.log_artifact(ctx.run_id, str(ctx.output_dir / RESULT_FILE))
     mlc.log_metric(ctx.run_id, "promoted", float(promote))
     mlc.log_metric(ctx.run_id, "model_version", float(version))
     mlc.log_metric(ctx.run_id, "log_model_s", log_s)
@@ -251,7 +242,6 @@ def save_student_model(model_dir: Path, distill_dir: Path, teacher_dir: Path, te
     from mlflow.models import infer_signature
 
     from pipeline.teacher import bundle_location
-    from stages.evaluate import SCHEDULE_FILE, STUDENT_DIR
 
     export = tmp / "export"
     export.mkdir()
@@ -267,15 +257,15 @@ def save_student_model(model_dir: Path, distill_dir: Path, teacher_dir: Path, te
     else:
         model_config["teacher_location"] = location
     code = tmp / "swd_student_model.py"
-    code.write_text(_MODEL_CODE)
+    code.write_text(MODEL_CODE)
     packages = tmp / "code"
-    for package in ("pipeline", "stages"):  # the project's code the model imports, without bytecode caches
-        shutil.copytree(REPO_ROOT / package, packages / package, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    # the project's code the model imports (pipeline/ only: no stage), without bytecode caches
+    shutil.copytree(REPO_ROOT / "pipeline", packages / "pipeline", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     signature = infer_signature(pd.DataFrame({"prompt": ["a prompt"]}), np.zeros((1, 8, 8, 3), np.uint8),
                                 params={"seed": 0})
     mlflow.pyfunc.save_model(
         str(model_dir), python_model=str(code), artifacts=artifacts, model_config=model_config,
-        code_paths=[str(packages / "pipeline"), str(packages / "stages")], signature=signature,
+        code_paths=[str(packages / "pipeline")], signature=signature,
         pip_requirements=pip_requirements(),
         metadata={"swd": json.loads((export / SCHEDULE_FILE).read_text())})
 
@@ -294,39 +284,3 @@ def pip_requirements() -> list[str]:
     return out
 
 
-def student_model():
-    """The pyfunc model instance; its class is built here so that importing this module (the config
-    tree does) needs no MLflow."""
-    import mlflow.pyfunc
-
-    with warnings.catch_warnings():  # predict takes DataFrames, lists or strings: no type-hint validation
-        warnings.filterwarnings("ignore", message=".*type hints to the `predict` method")
-
-        class StudentModel(mlflow.pyfunc.PythonModel):
-            """pyfunc: prompts -> uint8 images [B, H, W, 3] from the SwD student (scale-wise sampler, no guidance)."""
-
-            def load_context(self, context) -> None:
-                from stages.evaluate import Generator, GeneratorSpec
-
-                config = context.model_config or {}
-                location = context.artifacts.get("teacher") or config["teacher_location"]
-                spec = GeneratorSpec(name="student", location=location, dtype=config.get("dtype", "float32"),
-                                     device=config.get("device", "cpu"), load_t5=config.get("load_t5", "auto"),
-                                     max_sequence_length=config.get("max_sequence_length"),
-                                     local_files_only=config.get("local_files_only", True), num_threads=None,
-                                     student_dir=context.artifacts["export"])
-                self.generator = Generator(spec)
-
-            def predict(self, context, model_input, params=None):
-                import numpy as np
-                import pandas as pd
-
-                if not isinstance(model_input, pd.DataFrame) or "prompt" not in model_input.columns:
-                    raise ValueError(f"expected a DataFrame with a 'prompt' column (the model's signature), got "
-                                     f"{type(model_input).__name__}")
-                prompts = [str(p) for p in model_input["prompt"]]
-                if not prompts:
-                    return np.zeros((0, 0, 0, 3), np.uint8)
-                return self.generator(prompts, int((params or {}).get("seed", 0)))
-
-    return StudentModel()

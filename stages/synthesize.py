@@ -55,6 +55,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from pipeline import samples
 from pipeline.context import StageContext
+from pipeline.resources import actor_device, check_actor_dtype, gpus_per_actor, worker_runtime_env
 
 VERSION = "2"
 SECTIONS = ("synthesize", "data", "teacher")
@@ -112,15 +113,11 @@ def external_fingerprint(sections: dict) -> list | None:
 
 
 def run(ctx: StageContext) -> None:
-    import mlflow
-    import ray
-
     from pipeline.data import SHARDS_FILE, shard_urls
     from pipeline.teacher import bundle_location, resolve_pretrained
 
     cfg: Config = ctx.config
     data, teacher = ctx.sections["data"], ctx.sections["teacher"]
-    mlc = mlflow.MlflowClient(ctx.tracking_uri)
     started = time.monotonic()
 
     # 1. prompts
@@ -164,8 +161,7 @@ def run(ctx: StageContext) -> None:
     problem = samples.bad_data_problem("synthesize", "prompts read from prompt-only train shards", bad_fraction,
                                        cfg.max_bad_fraction, prompt_rejects, "synthesize.max_bad_fraction")
     if problem:
-        for k, v in read_metrics.items():
-            mlc.log_metric(ctx.run_id, k, float(v))
+        ctx.log.metrics(read_metrics)
         raise SynthesizeError(problem)
     if data.prompts is not None:
         sources.append(PromptSource(data.prompts, read_prompt_file(data.prompts, data.prompt_column)))
@@ -179,14 +175,9 @@ def run(ctx: StageContext) -> None:
                               f"see {SKIPPED_FILE}")
 
     # 2. plan
-    gpus = cfg.num_gpus_per_actor
-    if gpus is None:
-        gpus = 1.0 if sources and ray.cluster_resources().get("GPU", 0) > 0 else 0.0
-    device = "cuda" if gpus > 0 else "cpu"
-    if teacher.dtype == "float16" and device == "cpu":
-        raise SynthesizeError("teacher.dtype 'float16': the synthesize actors run on the CPU here (no GPU in the "
-                              "Ray cluster, or synthesize.num_gpus_per_actor=0), where float16 is not supported; "
-                              "use float32 or bfloat16, or give the actors GPUs")
+    gpus = gpus_per_actor(cfg.num_gpus_per_actor, wanted=bool(sources))
+    device = actor_device(gpus)
+    check_actor_dtype(teacher.dtype, gpus, "synthesize actors", "synthesize.num_gpus_per_actor")
     native = native_side(directory)
     side_px = cfg.image_side_px or native["image_side_px"]
     check_side(side_px, native)
@@ -204,14 +195,14 @@ def run(ctx: StageContext) -> None:
     # 3-4. generate and write
     spec = None
     if missing:
-        from stages.evaluate import GeneratorSpec
+        from pipeline.generate import GeneratorSpec
 
         spec = GeneratorSpec(name="teacher", location=str(directory), dtype=teacher.dtype, device=device,
                              load_t5=teacher.load_t5, max_sequence_length=teacher.max_sequence_length,
                              local_files_only=teacher.local_files_only,
                              num_threads=max(1, int(cfg.num_cpus_per_actor)), teacher_num_steps=cfg.num_steps,
                              guidance_scale=cfg.guidance_scale, latent_side=side_px // native["vae_scale_factor"])
-    generated_s, images = generate_shards(missing, spec, cfg, gpus, sampler, mlc, ctx.run_id)
+    generated_s, images = generate_shards(missing, spec, cfg, gpus, sampler, ctx.log)
     rate = images / generated_s if images and generated_s > 0 else None  # steady images/s
 
     # 5. outputs
@@ -240,10 +231,7 @@ def run(ctx: StageContext) -> None:
     metrics["synthesize_wall_s"] = time.monotonic() - started
     if rate:
         metrics["images_per_s"] = rate
-    for k, v in metrics.items():
-        mlc.log_metric(ctx.run_id, k, v)
-    for name in OUTPUTS:
-        mlc.log_artifact(ctx.run_id, str(ctx.output_dir / name))
+    ctx.log.metrics(metrics)
     ctx.summary.update({k: summary[k] for k in ("prompts", "skipped", "truncated", "images", "shards_generated",
                                                 "shards_reused", "bad_fraction")})
     ctx.summary["unreadable_shards"] = len(unreadable)
@@ -451,21 +439,20 @@ def plan_shards(sources: list[PromptSource], cfg: Config, sampler: dict, shared:
 # ----------------------------------------------------------------------------- steps 3-4: generate and write
 
 
-ACTOR_ENV = {"env_vars": {"OMP_WAIT_POLICY": "PASSIVE", "TOKENIZERS_PARALLELISM": "false"}}
 
 
 class SynthesizeActor:
     """Ray Data callable class: the teacher loaded once; a batch of samples -> PNG images."""
 
     def __init__(self, spec):
-        from stages.evaluate import Generator
+        from pipeline.generate import Generator
 
         self.generator = Generator(spec)
 
     def __call__(self, batch: dict) -> dict:
         import numpy as np
 
-        from stages.evaluate import encode_png
+        from pipeline.generate import encode_png
 
         images = generate_images(self.generator, [str(p) for p in batch["prompt"]], [int(s) for s in batch["seed"]])
         return {"shard": batch["shard"], "slot": batch["slot"],
@@ -483,8 +470,8 @@ def generate_images(generator, prompts: list[str], seeds: list[int]):
     return generator.decode(generator.sample(generator.encode(prompts), 0, noise=noise))
 
 
-def generate_shards(missing: list[PlannedShard], spec, cfg: Config, gpus: float, sampler: dict, mlc,
-                    run_id: str) -> tuple[float, int]:
+def generate_shards(missing: list[PlannedShard], spec, cfg: Config, gpus: float, sampler: dict,
+                    log) -> tuple[float, int]:
     """Generate every sample of the missing shards; write each shard once all its samples are back.
     Returns (seconds from the first batch back to the last, images generated in between)."""
     if not missing:
@@ -497,7 +484,7 @@ def generate_shards(missing: list[PlannedShard], spec, cfg: Config, gpus: float,
     ds = ds.map_batches(SynthesizeActor, batch_size=cfg.batch_size, batch_format="numpy",
                         fn_constructor_kwargs={"spec": spec},
                         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cfg.num_actors),
-                        num_cpus=cfg.num_cpus_per_actor, num_gpus=gpus, runtime_env=ACTOR_ENV)
+                        num_cpus=cfg.num_cpus_per_actor, num_gpus=gpus, runtime_env=worker_runtime_env())
     pending: dict[int, dict[int, bytes]] = {}
     done = images = 0
     started, arrivals = time.monotonic(), []  # (time, images so far) per batch back
@@ -512,8 +499,7 @@ def generate_shards(missing: list[PlannedShard], spec, cfg: Config, gpus: float,
             rate = images / (now - started)  # actor start-up included
             print(f"[synthesize] shard {done}/{len(missing)} written ({images}/{len(rows)} images, "
                   f"{rate:.2f} images/s)", flush=True)
-            mlc.log_metric(run_id, "shards_written", done, step=images)
-            mlc.log_metric(run_id, "images_per_s_running", rate, step=images)
+            log.metrics({"shards_written": done, "images_per_s_running": rate}, step=images)
         arrivals.append((now, images))
     if pending:
         raise SynthesizeError(f"synthesize: {len(pending)} shard(s) did not get all their images back from Ray Data")

@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from pipeline import graph, samples, tiny
-from pipeline.config import load_config
+from stages import default_stages, load_config
 from pipeline.context import StageContext
 from pipeline.data import SHARDS_FILE
 from pipeline.swd.config import SwdConfig
@@ -149,7 +149,7 @@ def stages():
     t = teacher_stage
     module = types.SimpleNamespace(VERSION=t.VERSION, SECTIONS=t.SECTIONS, OUTPUTS=(t.TEACHER_FILE,), run=t.run,
                                    external_fingerprint=t.external_fingerprint)
-    upstream = [s for s in graph.default_stages() if s.name in ("shards", "teacher", "cache")]  # up to the cache
+    upstream = [s for s in default_stages() if s.name in ("shards", "teacher", "cache")]  # up to the cache
     return [graph.StageSpec(s.name, module, s.inputs) if s.name == "teacher" else s for s in upstream]
 
 
@@ -507,7 +507,7 @@ def _png(seed: int) -> bytes:
 def test_config_is_in_the_tree_and_graph():
     cfg = load_config(overrides=["cache.max_bad_fraction=0.2", "cache.posterior=sample"])
     assert isinstance(cfg.cache, cache.Config) and cfg.cache.max_bad_fraction == 0.2
-    assert [s.inputs for s in graph.default_stages() if s.name == "cache"] == [("shards", "teacher", "synthesize")]
+    assert [s.inputs for s in default_stages() if s.name == "cache"] == [("shards", "teacher", "synthesize")]
     from pipeline.config import ConfigError
 
     with pytest.raises(ConfigError, match=r"cache.posterior: 'median' is invalid: Input should be 'mode' or 'sample'"):

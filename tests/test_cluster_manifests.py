@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.config import REPO_ROOT, load_config
+from pipeline.config import REPO_ROOT
+from stages import load_config
 
 CLUSTER = REPO_ROOT / "cluster"
 K8S = CLUSTER / "k8s"

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.config import REPO_ROOT, load_config
+from pipeline.config import REPO_ROOT
+from stages import load_config
 from pipeline.swd.config import RELEASED_TARGET_MODULES
 
 PROFILES = {

@@ -40,7 +40,7 @@ import json, os, sys, time, uuid
 from pathlib import Path
 sys.path.insert(0, {repo!r})
 import mlflow, ray
-from pipeline.config import load_config
+from stages import load_config
 from pipeline.context import StageContext
 from stages import distill
 

@@ -8,7 +8,7 @@ import types
 import pytest
 
 from pipeline import compare, graph
-from pipeline.config import load_config
+from stages import load_config
 from pipeline.run import main, run_stages
 from stages.evaluate import CANONICAL_METRICS
 

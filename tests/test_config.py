@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.config import DEFAULT_CONFIG, REPO_ROOT, ConfigError, load_config, parse_override
+from pipeline.config import DEFAULT_CONFIG, REPO_ROOT, ConfigError, parse_override
+from stages import load_config
 
 
 def test_shipped_yaml_validates_and_lists_every_key():

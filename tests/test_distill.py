@@ -18,8 +18,10 @@ import mlflow
 import pytest
 import torch
 
+import stages
 from pipeline import tiny
-from pipeline.config import ConfigError, load_config
+from pipeline.config import ConfigError
+from stages import load_config
 from pipeline.context import StageContext
 from stages import distill
 from stock_diffusers import check_export_in_stock_diffusers
@@ -185,7 +187,7 @@ def test_changing_an_operational_key_resumes_the_interrupted_run(tmp_path, ray_l
     first = base + ["distill.max_failures=0"]
     second = base + ["distill.max_failures=2", "distill.log_every=2", "distill.sample_every=4",
                      "distill.sample_num_prompts=2", "distill.num_checkpoints_to_keep=3"]
-    spec = next(s for s in graph.default_stages() if s.name == "distill")
+    spec = next(s for s in stages.default_stages() if s.name == "distill")
     fingerprints = [graph.fingerprint(spec, load_config(overrides=o), {"cache": "c", "teacher": "t"})
                     for o in (first, second)]
     assert fingerprints[0] == fingerprints[1]

@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO_ROOT
+import stages
 from pipeline import graph
-from pipeline.config import load_config
+from stages import load_config
 from pipeline.run import run_stages
 from toy_stages import toy_graph
 
@@ -194,10 +195,10 @@ def test_stage_variant_and_disabled_stage(workdir, toy_env):
 
 
 def test_the_baseline_variant_is_full_resolution_and_never_warm_started():
-    from pipeline.config import load_config
+    from stages import load_config
 
     cfg = load_config(overrides=["evaluate.baseline=true", "distill.init_student=/somewhere/champion"])
-    (spec,) = [s for s in graph.default_stages() if s.name == "distill_baseline"]
+    (spec,) = [s for s in stages.default_stages() if s.name == "distill_baseline"]
     sections = spec.sections(cfg)
     assert sections["distill"].init_student is None and cfg.distill.init_student == "/somewhere/champion"
     scales = sections["swd"].schedule.scales
@@ -208,7 +209,7 @@ def test_the_baseline_variant_is_full_resolution_and_never_warm_started():
 def test_fingerprints_leave_out_operational_keys_and_a_pretrained_teachers_training_knobs(workdir):
     def fingerprints(*overrides):
         cfg = load_config(overrides=[f"workdir={workdir}", *overrides])
-        return {p.name: p.fingerprint for p in graph.plan(cfg, graph.default_stages())}
+        return {p.name: p.fingerprint for p in graph.plan(cfg, stages.default_stages())}
 
     base = fingerprints()  # the default names a pretrained teacher (assets/tiny-teacher)
     operational = ["distill.log_every=3", "distill.sample_every=7", "distill.max_failures=9",

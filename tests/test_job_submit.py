@@ -21,8 +21,8 @@ import mlflow
 import pytest
 
 from conftest import REPO_ROOT, SMALL_DATA, free_port
-from pipeline import graph
-from pipeline.config import load_config
+import stages
+from stages import load_config
 
 # The embedded default on a small budget: tiny data, a few teacher and distill steps.
 SMALL_BUDGET = [
@@ -157,7 +157,7 @@ def test_ray_job_submit_runs_the_embedded_default(ray_head, mlflow_server, tmp_p
     overrides = [f"workdir={tmp_path / 'wd'}", f"tracking.uri={mlflow_server}", f"tracking.experiment={experiment}",
                  *SMALL_BUDGET]
     cfg = load_config(overrides=overrides)
-    stages = [s.name for s in graph.default_stages() if s.enabled is None or s.enabled(cfg)]
+    stage_names = [s.name for s in stages.default_stages() if s.enabled is None or s.enabled(cfg)]
     argv = ["python", "pipeline/run.py", *overrides]
     out = ray_cli(ray_head, "submit", "--submission-id", job_id, "--no-wait", "--working-dir", ".",
                   "--runtime-env", "cluster/runtime_env.yaml", "--", *argv)
@@ -180,7 +180,7 @@ def test_ray_job_submit_runs_the_embedded_default(ray_head, mlflow_server, tmp_p
     (parent,) = [r for r in runs if r.data.tags.get("pipeline.kind") == "pipeline"]
     assert parent.info.status == "FINISHED" and parent.data.metrics["pipeline_wall_s"] > 0
     children = {r.data.tags["stage"]: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
-    assert set(children) == set(stages)
+    assert set(children) == set(stage_names)
     assert all(r.info.status == "FINISHED" and r.data.tags["cache_hit"] == "false" for r in children.values())
     if "distill" in children:
         artifacts = {a.path for a in mlc.list_artifacts(children["distill"].info.run_id)}
@@ -189,5 +189,5 @@ def test_ray_job_submit_runs_the_embedded_default(ray_head, mlflow_server, tmp_p
         register = cfg.register
         champion = mlc.get_model_version_by_alias(register.model_name, register.alias)
         assert champion.run_id == children["register"].info.run_id
-    for stage in stages:  # every stage's output committed in the workdir
+    for stage in stage_names:  # every stage's output committed in the workdir
         assert list((tmp_path / "wd" / stage).glob("*/manifest.json")), stage

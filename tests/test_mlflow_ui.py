@@ -13,8 +13,8 @@ import pytest
 from mlflow import MlflowClient
 
 from conftest import REPO_ROOT
-from pipeline import tracking
-from pipeline.config import load_config
+from pipeline import run, tracking
+from stages import load_config
 
 CHECK = REPO_ROOT / "scripts" / "check_mlflow_ui.py"
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
@@ -75,10 +75,10 @@ def test_parent_run_names_tell_invocations_apart(store, tmp_path):
 
 def test_link_command_prints_the_runs_table_link(store, tmp_path, capsys):
     uri, mlc = store
-    assert tracking.main([f"tracking.uri={uri}", "tracking.experiment=linked"]) == 1  # none yet
+    assert run.link([f"tracking.uri={uri}", "tracking.experiment=linked"]) == 1  # none yet
     exp_id = tracking.ensure_experiment(mlc, "linked", (tmp_path / "art").as_uri())
     capsys.readouterr()
-    assert tracking.main([f"tracking.uri={uri}", "tracking.experiment=linked"]) == 0
+    assert run.link([f"tracking.uri={uri}", "tracking.experiment=linked"]) == 0
     assert capsys.readouterr().out.strip() == \
         f"http://127.0.0.1:5000/#/experiments/{exp_id}/runs?workflowType=machine_learning"
 

@@ -4,7 +4,7 @@
 16-channel latents, dual attention), with a real local Ray, 2 CPU DeepSpeed workers (gloo) and a real
 MLflow server: shards -> cache -> distill -> evaluate -> register. The exported student loads in stock
 diffusers with the T5 encoder present and generates what our sampler does. The overlay may set only
-size and hardware keys (pipeline/config.py MINIATURE_KEYS)."""
+size and hardware keys (stages/__init__.py MINIATURE_KEYS)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,8 @@ import pytest
 import yaml
 
 from conftest import REPO_ROOT
-from pipeline.config import MINIATURE_KEYS, ConfigError, flatten, load_config, miniature_problems
+from pipeline.config import ConfigError, flatten, miniature_problems
+from stages import MINIATURE_KEYS, load_config
 from stock_diffusers import check_export_in_stock_diffusers
 
 OVERLAY = REPO_ROOT / "cluster" / "miniature.yaml"
@@ -34,7 +35,7 @@ KEPT = ("distill.zero_stage", "distill.gradient_checkpointing", "distill.fake_up
 
 def test_the_overlay_sets_only_size_and_hardware_keys():
     layer = yaml.safe_load(OVERLAY.read_text())
-    assert miniature_problems(layer, OVERLAY) == []
+    assert miniature_problems(layer, OVERLAY, MINIATURE_KEYS) == []
     assert len(flatten(layer)) > 10  # it does shrink something
     for profile in PROFILES:
         full = flatten(load_config([REPO_ROOT / "cluster" / "profiles" / f"{profile}.yaml"]))

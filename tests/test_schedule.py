@@ -21,7 +21,7 @@ import mlflow
 import pytest
 
 from pipeline import graph, schedule
-from pipeline.config import load_config
+from stages import load_config
 from pipeline.run import run_stages
 from stages import shards as shards_stage
 

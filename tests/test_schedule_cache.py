@@ -9,7 +9,7 @@ import json
 import mlflow
 
 from pipeline import graph, schedule
-from pipeline.config import load_config
+from stages import load_config
 from pipeline.run import run_stages
 from test_cache import FAST, bundle, good_shard  # noqa: F401  (bundle: the tiny SD3 bundle fixture)
 from test_cache import stages as pretrained_teacher_stages

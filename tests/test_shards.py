@@ -10,15 +10,16 @@ import pytest
 from PIL import Image
 
 from conftest import SMALL_DATA
+import stages
 from pipeline import graph
-from pipeline.config import load_config
+from stages import load_config
 from pipeline.data import ShardError, expand_shards, shard_urls
 from pipeline.run import run_stages
 
 
 def generate(workdir, *overrides):
     cfg = load_config(overrides=[f"workdir={workdir}", *SMALL_DATA, *overrides])
-    planned = graph.plan(cfg, graph.default_stages(), only={"shards"})
+    planned = graph.plan(cfg, stages.default_stages(), only={"shards"})
     assert run_stages(cfg, planned, f"sqlite:///{workdir / 'mlflow.db'}", []) == 0
     return planned[0].output_dir
 

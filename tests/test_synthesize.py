@@ -23,7 +23,7 @@ import webdataset as wds
 
 from conftest import REPO_ROOT
 from pipeline import graph, tiny
-from pipeline.config import load_config
+from stages import default_stages, load_config
 from pipeline.run import run_stages
 from stages import synthesize
 from stages import teacher as teacher_stage
@@ -48,10 +48,10 @@ def stages(upto: str = "cache"):
     t = teacher_stage
     module = types.SimpleNamespace(VERSION=t.VERSION, SECTIONS=t.SECTIONS, OUTPUTS=(t.TEACHER_FILE,), run=t.run,
                                    external_fingerprint=t.external_fingerprint)
-    names = [s.name for s in graph.default_stages()]
+    names = [s.name for s in default_stages()]
     keep = names[:names.index(upto) + 1]
     return [graph.StageSpec(s.name, module, s.inputs) if s.name == "teacher" else s
-            for s in graph.default_stages() if s.name in keep]
+            for s in default_stages() if s.name in keep]
 
 
 def prompt_shard(path: Path, prompts: list[str], prefix: str = "q") -> Path:
@@ -246,10 +246,10 @@ def test_image_side_must_fit_the_teacher(bundle):
 
 
 def test_stage_is_in_the_graph_only_for_user_data():
-    names = lambda cfg: [p.name for p in graph.plan(cfg, graph.default_stages()) if p.action != "disabled"]  # noqa: E731
+    names = lambda cfg: [p.name for p in graph.plan(cfg, default_stages()) if p.action != "disabled"]  # noqa: E731
     assert "synthesize" not in names(load_config())
     assert "synthesize" in names(load_config(overrides=["data.prompts=x.txt"]))
-    assert "synthesize" in graph.default_stages()[[s.name for s in graph.default_stages()].index("cache")].inputs
+    assert "synthesize" in default_stages()[[s.name for s in default_stages()].index("cache")].inputs
 
 
 def test_a_bad_train_shard_is_judged_as_the_cache_reads_it(tmp_path):

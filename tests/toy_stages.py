@@ -46,7 +46,7 @@ def toy_graph(slow_b: bool = False) -> list[StageSpec]:
 
 if __name__ == "__main__":  # used by the kill and concurrency tests: the toy graph with a slow stage b
     from pipeline import graph
-    from pipeline.config import load_config
+    from stages import load_config
     from pipeline.run import run_stages
 
     cfg = load_config(overrides=sys.argv[1:])

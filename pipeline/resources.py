@@ -1,0 +1,38 @@
+"""What a stage asks of the cluster: GPUs per actor, the device and dtype that follow, and the
+environment every Ray worker of ours runs with."""
+
+from __future__ import annotations
+
+# Idle OpenMP threads sleep instead of spinning (on shared CPU cores spinning made torch steps ~5x
+# slower); tokenizers must not fork-parallelise inside Ray workers.
+WORKER_ENV_VARS = {"OMP_WAIT_POLICY": "PASSIVE", "TOKENIZERS_PARALLELISM": "false"}
+
+
+class ResourceError(ValueError):
+    """A dtype the chosen device cannot run, or a device this process cannot see."""
+
+
+def worker_runtime_env() -> dict:
+    """Ray `runtime_env` of every actor, task and Train worker the stages start."""
+    return {"env_vars": dict(WORKER_ENV_VARS)}
+
+
+def gpus_per_actor(configured: float | None, wanted: bool = True) -> float:
+    """`configured` when given, else 1 GPU when the Ray cluster has any (and `wanted`), else 0."""
+    if configured is not None:
+        return configured
+    import ray
+
+    return 1.0 if wanted and ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+
+
+def actor_device(gpus: float) -> str:
+    return "cuda" if gpus > 0 else "cpu"
+
+
+def check_actor_dtype(dtype: str, gpus: float, what: str, gpus_key: str) -> None:
+    """float16 needs a GPU: ResourceError naming `what` runs where and the key that gives it GPUs."""
+    if dtype == "float16" and gpus == 0:
+        raise ResourceError(f"teacher.dtype 'float16': the {what} run on the CPU here (no GPU in the Ray cluster, "
+                            f"or {gpus_key}=0), where float16 is not supported; use float32 or bfloat16, or give "
+                            f"the {what} GPUs")
