@@ -53,3 +53,12 @@ def mlflow_server(tmp_path_factory):
 @pytest.fixture
 def workdir(tmp_path) -> Path:
     return tmp_path / "workdir"
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory) -> Path:
+    """The random tiny SD3 bundle (pipeline/tiny.py, seed 0) that stage tests share; built once per session.
+    Tests must not write into it (copy it first)."""
+    from pipeline import tiny
+
+    return tiny.build_bundle(tmp_path_factory.mktemp("tiny-bundle") / "tiny")

@@ -24,7 +24,7 @@ from pipeline.config import ConfigError
 from stages import load_config
 from pipeline.context import StageContext
 from stages import distill
-from stock_diffusers import check_export_in_stock_diffusers
+from helpers.stock_diffusers import check_export_in_stock_diffusers
 
 # Small everywhere: LoRA rank 4, batch 2, one fake update per step, metrics every step.
 FAST = ["swd.student.lora_rank=4", "swd.fake.lora_rank=4", "swd.student.lora_alpha=4", "swd.fake.lora_alpha=4",

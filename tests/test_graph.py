@@ -17,7 +17,7 @@ import stages
 from pipeline import graph
 from stages import load_config
 from pipeline.run import run_stages
-from toy_stages import toy_graph
+from helpers.toy_stages import toy_graph
 
 
 @pytest.fixture
@@ -168,7 +168,7 @@ def test_two_runs_of_one_fingerprint_serialise_and_the_second_reuses_the_output(
 def test_stage_variant_and_disabled_stage(workdir, toy_env):
     """A variant reuses a stage module with replaced sections (like the full-resolution baseline
     distill); a stage disabled by config is not run and its consumers get no such input."""
-    from toy_stages import _make
+    from helpers.toy_stages import _make
 
     def variant_graph():
         a = _make("a", ("data",))

@@ -20,7 +20,7 @@ import yaml
 from conftest import REPO_ROOT
 from pipeline.config import ConfigError, flatten, miniature_problems
 from stages import MINIATURE_KEYS, load_config
-from stock_diffusers import check_export_in_stock_diffusers
+from helpers.stock_diffusers import check_export_in_stock_diffusers
 
 OVERLAY = REPO_ROOT / "cluster" / "miniature.yaml"
 PROFILES = sorted(p.stem for p in (REPO_ROOT / "cluster" / "profiles").glob("*.yaml"))

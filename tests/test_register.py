@@ -15,7 +15,7 @@ import pytest
 from pipeline.context import StageContext
 from stages import evaluate, register
 from stages.teacher import Config as TeacherConfig
-from test_evaluate import make_student_export, make_teacher_output
+from helpers.exports import make_student_export, make_teacher_output
 
 PROMPTS = ["a large red circle in the top on a black background", "a small blue square in the left on a white background"]
 

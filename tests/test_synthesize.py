@@ -28,7 +28,7 @@ from pipeline.run import run_stages
 from stages import synthesize
 from stages import teacher as teacher_stage
 from stages.evaluate import Generator, GeneratorSpec, decode_png
-from test_cache import good_shard, image_bytes, write_tar
+from helpers.shards import good_shard, image_bytes, write_tar
 
 FAST = ["synthesize.num_steps=2", "synthesize.batch_size=4", "synthesize.prompts_per_shard=3",
         "cache.batch_size=8", "cache.decode_batch_size=8"]
