@@ -136,8 +136,8 @@ def run_stage(root: Path, args) -> dict:
     cfg = load_config(overrides=[
         f"workdir={root / 'wd'}", f"teacher.pretrained={args.bundle}", f"teacher.dtype={args.dtype}",
         f"data.prompts={root / 'prompts.txt'}", "data.generator.num_eval_samples=8",
-        "data.generator.samples_per_shard=8", f"synthesize.num_steps={args.steps}",
-        f"synthesize.guidance_scale={args.guidance_scale}", f"synthesize.batch_size={args.batch_size}",
+        "data.generator.samples_per_shard=8", f"synthesize.teacher_sampler.num_steps={args.steps}",
+        f"synthesize.teacher_sampler.guidance_scale={args.guidance_scale}", f"synthesize.batch_size={args.batch_size}",
         f"synthesize.prompts_per_shard={max(args.batch_size, args.prompts // 4)}",
         f"synthesize.num_cpus_per_actor={args.num_cpus_per_actor}", "tracking.experiment=bench-synthesize"])
     planned = graph.plan(cfg, [s for s in stages.default_stages() if s.name in ("shards", "teacher", "synthesize")])

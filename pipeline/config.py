@@ -127,6 +127,13 @@ def miniature_problems(layer: dict, path: Path, miniature_keys: tuple[str, ...])
             for key in flatten(layer) if not allowed(key)]
 
 
+def renamed_key_problems(layer: dict, path: Path | None, renamed: dict[str, str]) -> list[str]:
+    """A key the tree renamed (`renamed`: old dotted key -> new one), one line each naming the new key."""
+    where = f" ({path})" if path else ""
+    return [f"{key}: renamed to {renamed[key]}{where}; set {renamed[key]} instead"
+            for key in flatten(layer) if key in renamed]
+
+
 # ----------------------------------------------------------------------------- loading
 
 
@@ -142,6 +149,7 @@ def load_config(tree: type[BaseModel], config_files: list[str | Path] = (), over
         except ConfigError as e:
             problems += e.problems
             continue
+        problems += renamed_key_problems(layer, Path(path), getattr(tree, "RENAMED_KEYS", {}))
         if Path(path).name == MINIATURE_FILE_NAME:
             problems += miniature_problems(layer, Path(path), getattr(tree, "MINIATURE_KEYS", ()))
         merged = _deep_merge(merged, layer)
@@ -151,6 +159,7 @@ def load_config(tree: type[BaseModel], config_files: list[str | Path] = (), over
         except ConfigError as e:
             problems += e.problems
             continue
+        problems += renamed_key_problems({key: value}, None, getattr(tree, "RENAMED_KEYS", {}))
         _set_dotted(merged, key, value)
     if problems:
         raise ConfigError(problems)

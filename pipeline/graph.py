@@ -128,8 +128,8 @@ def section_fingerprint(model: BaseModel) -> dict[str, Any]:
 
 
 def not_in_fingerprint(spec: StageSpec, cfg: BaseModel) -> list[str]:
-    """Per section of the stage, the keys its fingerprint leaves out, for --dry-run: `distill.log_every,
-    ...`, or `teacher.* except pretrained, ...` for a section that leaves out most of itself."""
+    """Per section of the stage, the keys its fingerprint leaves out, for --dry-run:
+    `distill.log_every_steps, ...`, or `teacher.* except pretrained, ...` for a section that leaves out most of itself."""
     out = []
     for name, model in spec.sections(cfg).items():
         kept = section_fingerprint(model)

@@ -55,7 +55,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
+
+from pipeline.config import Section
 
 EXIT_LEASE_LOST = 4
 EXIT_REGISTRY_UNAVAILABLE = 5
@@ -65,8 +67,7 @@ WARM_START_FIELD = "init_student"
 SCHEDULE_DIR = "schedule"
 
 
-class Config(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_default=True)
+class Config(Section):
 
     # Width of a slot in seconds; `--schedule-slot auto` names the slot holding the current UTC time.
     slot_s: int = Field(86400, ge=60)

@@ -25,6 +25,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pydantic import Field
+
+from pipeline.config import Section
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TEACHER_FILE = "teacher.json"  # written by stages/teacher.py
 BUNDLE_INFO_FILE = "swd_teacher.json"  # optional extra facts inside a bundle (pipeline/tiny.py)
@@ -42,6 +46,15 @@ SD3_COMPONENTS: dict[str, tuple[str, ...]] = {
 }
 DTYPES = ("float32", "bfloat16", "float16")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+class TeacherSampler(Section):
+    """The teacher's own sampler, one block wherever a stage samples the teacher (`teacher.sampler`
+    for its sample grid, `synthesize.teacher_sampler`, `evaluate.teacher_sampler`): Euler steps on its
+    shifted sigma grid (the scheduler's `shift`) with classifier-free guidance."""
+
+    num_steps: int = Field(28, ge=1)  # Euler steps
+    guidance_scale: float = Field(3.0, ge=1.0)  # classifier-free guidance; 1 = none (half the forwards)
 
 
 class TeacherError(ValueError):

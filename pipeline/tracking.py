@@ -10,6 +10,7 @@ import os
 import subprocess
 import tempfile
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -36,8 +37,14 @@ def artifact_location(cfg, uri: str) -> str | None:
 
 
 def check_reachable(uri: str, timeout_s: float) -> None:
-    """Fail fast (within timeout_s) with a clear error instead of MLflow's long retry loop."""
+    """Fail fast (within timeout_s) with a clear error instead of MLflow's long retry loop: a server
+    that does not answer, or (one authenticated read) refuses the credentials of the environment."""
     if uri.startswith(("http://", "https://")):
+        if urllib.parse.urlsplit(uri).username is not None:  # the URI would be in the config, params, logs
+            raise TrackingError(
+                "tracking.uri (or MLFLOW_TRACKING_URI) carries credentials in the URL, where the resolved config, "
+                "the run's params and the logs would show them; remove them from the URL and set "
+                f"{' and '.join(CREDENTIAL_ENV_VARS)} in the environment instead")
         url = uri.rstrip("/") + "/health"
         try:
             with urllib.request.urlopen(url, timeout=timeout_s) as resp:
@@ -48,6 +55,7 @@ def check_reachable(uri: str, timeout_s: float) -> None:
             raise TrackingError(
                 f"MLflow tracking server {uri} cannot be reached ({reason}); start it, or set "
                 f"tracking.uri (or MLFLOW_TRACKING_URI) to a reachable server or to sqlite:///PATH") from None
+        check_credentials(uri, timeout_s)
     elif uri.startswith("sqlite:///"):
         db = Path(uri.removeprefix("sqlite:///"))
         try:
@@ -74,10 +82,12 @@ RUNS_PAGE_QUERY = "workflowType=machine_learning"
 UI_DEFAULT = "http://127.0.0.1:5000"  # `mlflow ui` / `mlflow server` on a local store
 
 
-def start_local_server(root: Path, timeout_s: float = 180) -> tuple[subprocess.Popen, str]:
+def start_local_server(root: Path, timeout_s: float = 180, app_name: str | None = None,
+                       env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str]:
     """A real `mlflow server` on 127.0.0.1 at a free port, SQLite backend and proxied artifacts under
     `root`, in its own process group; returns (process, URI) once /health answers. For tests, the UI
-    check and a local look at a workdir's runs. Stop it with `stop_local_server`."""
+    check and a local look at a workdir's runs. Stop it with `stop_local_server`. `app_name` (e.g.
+    "basic-auth") and `env` (added to this process's environment) are for an authenticated server."""
     import socket
     import sys
     import time
@@ -89,8 +99,10 @@ def start_local_server(root: Path, timeout_s: float = 180) -> tuple[subprocess.P
     log = open(root / "server.log", "w")
     proc = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination", str(root / "artifacts")],
-        stdout=log, stderr=subprocess.STDOUT, cwd=root, start_new_session=True)
+         "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination", str(root / "artifacts"),
+         *(["--app-name", app_name] if app_name else [])],
+        stdout=log, stderr=subprocess.STDOUT, cwd=root, start_new_session=True,
+        env={**os.environ, **env} if env else None)
     log.close()  # the child holds its own descriptor
     uri = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + timeout_s
@@ -245,3 +257,53 @@ def git_commit() -> str:
         return out.stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
+
+
+# ----------------------------------------------------------------------------- credentials
+# An authenticated tracking server (cluster/k8s/mlflow.yaml runs MLflow's basic-auth app): the
+# pipeline's credential comes from the environment only, the variables MLflow's client reads itself,
+# never from a config key, so it is in no resolved config, param, tag or log line.
+CREDENTIAL_ENV_VARS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
+TOKEN_ENV_VAR = "MLFLOW_TRACKING_TOKEN"
+AUTH_PROBE_PATH = "/api/2.0/mlflow/experiments/search?max_results=1"  # a read any user may make
+
+
+def auth_headers() -> dict[str, str]:
+    """The Authorization header MLflow's client would send: basic auth from MLFLOW_TRACKING_USERNAME /
+    MLFLOW_TRACKING_PASSWORD, else a bearer MLFLOW_TRACKING_TOKEN, else none."""
+    import base64
+
+    user, password = (os.environ.get(n) for n in CREDENTIAL_ENV_VARS)
+    if bool(user) != bool(password):
+        given, missing = CREDENTIAL_ENV_VARS if user else CREDENTIAL_ENV_VARS[::-1]
+        raise TrackingError(f"{given} is set but {missing} is not: set both (the tracking server's user and "
+                            f"password) or neither")
+    if user:
+        return {"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()}
+    token = os.environ.get(TOKEN_ENV_VAR)
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
+def check_credentials(uri: str, timeout_s: float) -> None:
+    """One authenticated read (`AUTH_PROBE_PATH`) with the environment's credentials: a 401 or 403 is a
+    TrackingError naming the environment variables, raised before any stage runs (a server without
+    authentication answers 200 whatever is sent)."""
+    request = urllib.request.Request(uri.rstrip("/") + AUTH_PROBE_PATH, headers=auth_headers())
+    try:
+        with urllib.request.urlopen(request, timeout=timeout_s):
+            return
+    except urllib.error.HTTPError as e:
+        status = e.code
+    except (urllib.error.URLError, OSError) as e:
+        raise TrackingError(f"MLflow tracking server {uri} cannot be reached ({getattr(e, 'reason', e)})") from None
+    user = os.environ.get(CREDENTIAL_ENV_VARS[0])
+    names = " and ".join(CREDENTIAL_ENV_VARS)
+    if status == 401:
+        who = f"refused user {user!r} (wrong user or password)" if user else "needs credentials and none were given"
+        raise TrackingError(f"MLflow tracking server {uri} {who} (HTTP 401): set {names} to the pipeline's "
+                            f"service user (cluster/README.md: Secret swd-mlflow-pipeline)")
+    if status == 403:
+        raise TrackingError(f"MLflow tracking server {uri}: user {user!r} may not read experiments (HTTP 403): set "
+                            f"{names} to the pipeline's service user, or grant this user READ "
+                            f"(cluster/mlflow_auth_setup.py)")
+    raise TrackingError(f"MLflow tracking server {uri} answered HTTP {status} on {AUTH_PROBE_PATH}")

@@ -48,13 +48,27 @@ with warnings.catch_warnings():  # `register` is also ABCMeta.register; the fiel
             "cache.num_cpus_per_decoder", "cache.decode_batch_size", "cache.log_every_s",
             "distill.num_steps", "distill.num_workers", "distill.batch_size_per_worker", "distill.use_gpu",
             "distill.num_cpus_per_worker", "distill.num_gpus_per_worker", "distill.storage_path",
-            "distill.checkpoint_every", "distill.log_every", "distill.sample_every", "distill.sample_num_prompts",
+            "distill.checkpoint_every_steps", "distill.log_every_steps", "distill.sample_every_steps",
+            "distill.sample_num_prompts",
             "distill.shuffle_buffer_rows",
             "evaluate.num_actors", "evaluate.num_cpus_per_actor", "evaluate.num_gpus_per_actor", "evaluate.batch_size",
             "evaluate.max_prompts", "evaluate.score_batch_size", "evaluate.latency_warmup_batches",
             "evaluate.latency_repeats", "evaluate.grid_prompts",
             "register.device",
         )
+
+        # Keys of earlier releases: a config that sets one fails naming its new key.
+        RENAMED_KEYS: ClassVar[dict[str, str]] = {
+            "teacher.sample_num_steps": "teacher.sampler.num_steps",
+            "teacher.sample_guidance_scale": "teacher.sampler.guidance_scale",
+            "synthesize.num_steps": "synthesize.teacher_sampler.num_steps",
+            "synthesize.guidance_scale": "synthesize.teacher_sampler.guidance_scale",
+            "evaluate.teacher_num_steps": "evaluate.teacher_sampler.num_steps",
+            "evaluate.teacher_guidance_scale": "evaluate.teacher_sampler.guidance_scale",
+            "distill.checkpoint_every": "distill.checkpoint_every_steps",
+            "distill.log_every": "distill.log_every_steps",
+            "distill.sample_every": "distill.sample_every_steps",
+        }
 
         workdir: Path = Path("workdir")
         tracking: TrackingConfig = TrackingConfig()

@@ -33,8 +33,9 @@ import time
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
 
+from pipeline.config import Section
 from pipeline.context import StageContext
 from pipeline.eval_record import CANONICAL_METRICS, HIGHER_IS_BETTER, METRICS_FILE
 from pipeline.generate import MODEL_CODE
@@ -56,8 +57,7 @@ class RegisterError(ValueError):
     """A registration that cannot go ahead: says what was found and what to do."""
 
 
-class Config(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_default=True)
+class Config(Section):
 
     model_name: str = Field("swd-student", min_length=1)
     alias: str = Field("champion", min_length=1)

@@ -51,11 +51,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from pipeline import samples
+from pipeline.config import Section
 from pipeline.context import StageContext
 from pipeline.resources import actor_device, check_actor_dtype, gpus_per_actor, worker_runtime_env
+from pipeline.teacher import TeacherSampler
 
 VERSION = "2"
 SECTIONS = ("synthesize", "data", "teacher")
@@ -71,15 +73,14 @@ class SynthesizeError(ValueError):
     """Prompts that cannot be used: names the source and what was expected."""
 
 
-class Config(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_default=True)
+class Config(Section):
     # Keys that change how the stage runs, not what it writes: left out of every fingerprint
     # (pipeline/graph.py), so changing one reuses the committed output.
     NOT_IN_FINGERPRINT: ClassVar[tuple[str, ...]] = ("num_actors", "num_cpus_per_actor")
 
     images_per_prompt: int = Field(1, ge=1)
-    num_steps: int = Field(28, ge=1)  # the teacher's Euler steps on its own shifted grid
-    guidance_scale: float = Field(4.0, ge=1.0)
+    # The teacher's sampler for training images (more guidance than for evaluation: sharper targets).
+    teacher_sampler: TeacherSampler = TeacherSampler(guidance_scale=4.0)
     image_side_px: int | None = Field(None, ge=16)  # null: the teacher's native resolution
     seed: int = 0
     prompts_per_shard: int = Field(256, ge=1)
@@ -181,8 +182,10 @@ def run(ctx: StageContext) -> None:
     native = native_side(directory)
     side_px = cfg.image_side_px or native["image_side_px"]
     check_side(side_px, native)
-    sampler = {"num_steps": cfg.num_steps, "guidance_scale": cfg.guidance_scale, "image_side_px": side_px,
-               "shift": native["shift"], "teacher_fingerprint": Path(ctx.inputs["teacher"]).name}
+    teacher_sampler = cfg.teacher_sampler
+    sampler = {"num_steps": teacher_sampler.num_steps, "guidance_scale": teacher_sampler.guidance_scale,
+               "image_side_px": side_px, "shift": native["shift"],
+               "teacher_fingerprint": Path(ctx.inputs["teacher"]).name}
     shared = Path(ctx.shared_dir)
     shards = plan_shards(sources, cfg, sampler, shared)
     missing = [s for s in shards if not s.path.is_file()]
@@ -200,8 +203,9 @@ def run(ctx: StageContext) -> None:
         spec = GeneratorSpec(name="teacher", location=str(directory), dtype=teacher.dtype, device=device,
                              load_t5=teacher.load_t5, max_sequence_length=teacher.max_sequence_length,
                              local_files_only=teacher.local_files_only,
-                             num_threads=max(1, int(cfg.num_cpus_per_actor)), teacher_num_steps=cfg.num_steps,
-                             guidance_scale=cfg.guidance_scale, latent_side=side_px // native["vae_scale_factor"])
+                             num_threads=max(1, int(cfg.num_cpus_per_actor)),
+                             teacher_num_steps=teacher_sampler.num_steps, guidance_scale=teacher_sampler.guidance_scale,
+                             latent_side=side_px // native["vae_scale_factor"])
     generated_s, images = generate_shards(missing, spec, cfg, gpus, sampler, ctx.log)
     rate = images / generated_s if images and generated_s > 0 else None  # steady images/s
 

@@ -161,6 +161,6 @@ def test_the_tiny_teacher_is_checked_at_the_latent_side_it_trains_at(workdir, tm
 def test_dry_run_lists_the_keys_not_in_each_fingerprint(workdir):
     out = run_cli("--dry-run", f"workdir={workdir}")
     assert out.returncode == 0, out.stderr
-    assert ("not in fingerprint: distill.checkpoint_every, distill.num_checkpoints_to_keep, distill.max_failures, "
-            "distill.storage_path, distill.log_every, distill.sample_every, distill.sample_num_prompts") in out.stdout
+    assert ("not in fingerprint: distill.checkpoint_every_steps, distill.num_checkpoints_to_keep, distill.max_failures, "
+            "distill.storage_path, distill.log_every_steps, distill.sample_every_steps, distill.sample_num_prompts") in out.stdout
     assert "teacher.* except pretrained, local_files_only, load_t5, max_sequence_length, dtype" in out.stdout

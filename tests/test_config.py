@@ -133,3 +133,17 @@ def _sibling_commented(lines: list[str], i: int) -> bool:
             return False
         j -= 1
     return j >= 0 and lines[j].strip().startswith("#")
+
+
+def test_a_renamed_key_names_its_new_key_in_files_and_overrides(tmp_path):
+    old = tmp_path / "old.yaml"
+    old.write_text("distill:\n  log_every: 5\nevaluate:\n  teacher_num_steps: 10\n")
+    with pytest.raises(ConfigError) as e:
+        load_config([old], ["synthesize.guidance_scale=5", "teacher.sample_num_steps=4"])
+    text = str(e.value)
+    for old_key, new_key in [("distill.log_every", "distill.log_every_steps"),
+                             ("evaluate.teacher_num_steps", "evaluate.teacher_sampler.num_steps"),
+                             ("synthesize.guidance_scale", "synthesize.teacher_sampler.guidance_scale"),
+                             ("teacher.sample_num_steps", "teacher.sampler.num_steps")]:
+        assert f"{old_key}: renamed to {new_key}" in text
+    assert "old.yaml" in text

@@ -212,9 +212,9 @@ def test_fingerprints_leave_out_operational_keys_and_a_pretrained_teachers_train
         return {p.name: p.fingerprint for p in graph.plan(cfg, stages.default_stages())}
 
     base = fingerprints()  # the default names a pretrained teacher (assets/tiny-teacher)
-    operational = ["distill.log_every=3", "distill.sample_every=7", "distill.max_failures=9",
+    operational = ["distill.log_every_steps=3", "distill.sample_every_steps=7", "distill.max_failures=9",
                    "distill.num_checkpoints_to_keep=5", "distill.storage_path=/tmp/elsewhere",
-                   "distill.checkpoint_every=11", "cache.num_encoders=3", "cache.log_every_s=5",
+                   "distill.checkpoint_every_steps=11", "cache.num_encoders=3", "cache.log_every_s=5",
                    "evaluate.num_actors=2", "synthesize.num_actors=2", "teacher.num_cpus=1"]
     assert fingerprints(*operational) == base
     assert fingerprints("teacher.num_steps=7", "teacher.lr=0.5", "teacher.num_layers=2") == base  # not trained

@@ -29,8 +29,7 @@ STAGES = ("shards", "cache", "distill", "evaluate", "register")
 KEPT = ("distill.zero_stage", "distill.gradient_checkpointing", "distill.fake_updates_per_step",
         "distill.lr", "distill.fake_lr", "distill.precision", "teacher.load_t5", "teacher.dtype",
         "teacher.max_sequence_length", "cache.storage_dtype", "swd.stop_at_feature_block", "swd.student",
-        "swd.fake", "swd.loss", "swd.grid", "swd.scale_index", "evaluate.teacher_num_steps",
-        "evaluate.teacher_guidance_scale")
+        "swd.fake", "swd.loss", "swd.grid", "swd.scale_index", "evaluate.teacher_sampler")
 
 
 def test_the_overlay_sets_only_size_and_hardware_keys():

@@ -30,7 +30,7 @@ from stages import teacher as teacher_stage
 from stages.evaluate import Generator, GeneratorSpec, decode_png
 from helpers.shards import good_shard, image_bytes, write_tar
 
-FAST = ["synthesize.num_steps=2", "synthesize.batch_size=4", "synthesize.prompts_per_shard=3",
+FAST = ["synthesize.teacher_sampler.num_steps=2", "synthesize.batch_size=4", "synthesize.prompts_per_shard=3",
         "cache.batch_size=8", "cache.decode_batch_size=8"]
 WORDS = ["a red circle on a black background", "a large blue square in the top left on a white background",
          "a small green triangle on a black background", "a yellow circle in the bottom right on a white background",
@@ -154,7 +154,7 @@ def test_a_killed_run_regenerates_only_the_missing_shards(tmp_path, ray_local, b
     (tmp_path / "prompts.txt").write_text("\n".join(prompts) + "\n")
     overrides = [f"workdir={tmp_path / 'wd'}", f"teacher.pretrained={bundle}", "tracking.experiment=synth",
                  f"data.prompts={tmp_path}/prompts.txt", "data.generator.num_eval_samples=4",
-                 "synthesize.num_steps=28", "synthesize.batch_size=1", "synthesize.prompts_per_shard=1"]
+                 "synthesize.teacher_sampler.num_steps=28", "synthesize.batch_size=1", "synthesize.prompts_per_shard=1"]
     address = ray_local.get_runtime_context().gcs_address
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS")}
     proc = subprocess.Popen([sys.executable, str(REPO_ROOT / "pipeline" / "run.py"), *overrides,
