@@ -6,7 +6,7 @@ memory at two dataset sizes, measured side by side in one run.
     python bench/bench_cache.py --bundle /models/sd35-medium --dtype bfloat16 --image-side 1024 \
         --preset sd35-medium-4step --images 256 --batch-size 8
 
-- bare: one encoder (`stages.cache.TeacherEncoder.forward`: every scale's z_i and z_im1, the prompt
+- bare: one encoder (`stages.cache.encoder.TeacherEncoder.forward`: every scale's z_i and z_im1, the prompt
   embeddings) on pre-decoded tensors, same batch size, in a Ray task with the same resources
   as one encoder of the pool (so the same torch threads), after one warm-up batch; measured
   before and after the full runs (their mean is the reference, their spread the machine's noise).
@@ -65,9 +65,12 @@ def main(argv=None) -> int:
     import ray
 
     from pipeline import tiny
+    from pipeline.latent_cache import vae_scale_factor
+    from pipeline.resources import actor_device, gpus_per_actor
     from pipeline.swd.config import SwdConfig
     from stages import cache
     from stages import teacher as teacher_stage
+    from stages.cache.shard_keys import EncoderSpec
 
     bundle = args.bundle or (root / "tiny" if (root / "tiny" / "model_index.json").is_file()
                              else tiny.build_bundle(root / "tiny"))
@@ -76,15 +79,15 @@ def main(argv=None) -> int:
     first = urls[: max(1, args.images // args.images_per_shard)]
     ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"PYTHONPATH": str(Path(__file__).resolve().parent.parent)}})
-    gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+    gpus = gpus_per_actor(None)
     swd = SwdConfig(preset=args.preset) if args.preset else SwdConfig()
     cfg = cache.Config(batch_size=args.batch_size, decode_batch_size=args.decode_batch_size,
                        num_encoders=args.num_encoders, max_bad_fraction=0.0, log_every_s=600)
     teacher = teacher_stage.Config(pretrained=str(bundle), dtype=args.dtype)
-    spec = cache.EncoderSpec(location=str(bundle), dtype=args.dtype, device="cuda" if gpus else "cpu",
-                             load_t5="auto", local_files_only=True, posterior="mode", seed=0,
-                             storage_dtype=args.dtype, scales=list(swd.schedule.scales),
-                             vae_scale_factor=cache.vae_scale_factor(bundle))
+    spec = EncoderSpec(location=str(bundle), dtype=args.dtype, device=actor_device(gpus),
+                       load_t5="auto", local_files_only=True, posterior="mode", seed=0,
+                       storage_dtype=args.dtype, scales=list(swd.schedule.scales),
+                       vae_scale_factor=vae_scale_factor(bundle))
     print(f"[bench] {ray.cluster_resources().get('CPU')} CPU(s), {gpus:.0f} GPU(s); scales {spec.scales} "
           f"(pixels {spec.pixel_sides}); batch {args.batch_size}; data in {root}", flush=True)
 
@@ -181,22 +184,24 @@ def bare_forward(spec, urls: list[str], batch_size: int, repeats: int) -> dict:
     import pyarrow as pa
     import torch
 
-    from stages import cache
+    from pipeline.latent_cache import rows_table, tensor_names
+    from stages.cache.encoder import TeacherEncoder, decode_images
+    from stages.cache.rounds import read_shard, sample_schema
 
     def cpu_ms(fn, n):
         start = time.process_time()
         out = fn()
         return out, 1000 * (time.process_time() - start) / n
 
-    read = lambda: [r for url in urls for chunk, _ in cache.read_shard(url, "bench") for r in chunk]  # noqa: E731
+    read = lambda: [r for url in urls for chunk, _ in read_shard(url, "bench") for r in chunk]  # noqa: E731
     rows = read()
-    table = pa.Table.from_pylist(rows, schema=cache.sample_schema())
-    cache.decode_images(table.slice(0, 4), spec)  # imports
+    table = pa.Table.from_pylist(rows, schema=sample_schema())
+    decode_images(table.slice(0, 4), spec)  # imports
     n = len(rows)
     _, read_ms = cpu_ms(read, n)
-    decoded, decode_ms = cpu_ms(lambda: cache.decode_images(table, spec), n)
+    decoded, decode_ms = cpu_ms(lambda: decode_images(table, spec), n)
     batches = [{k: v[i:i + batch_size] for k, v in decoded.items()} for i in range(0, n, batch_size)]
-    encoder = cache.TeacherEncoder(spec)
+    encoder = TeacherEncoder(spec)
     encoder.forward(batches[0])  # warm-up
     sync = torch.cuda.synchronize if spec.device == "cuda" else (lambda: None)
     sync()
@@ -209,8 +214,8 @@ def bare_forward(spec, urls: list[str], batch_size: int, repeats: int) -> dict:
     wall = time.perf_counter() - start
     forward_ms = 1000 * (time.process_time() - cpu_start) / (n * repeats)
     outputs = [encoder.forward(b) for b in batches]
-    names = cache.tensor_names(len(spec.scales))
-    _, rows_ms = cpu_ms(lambda: [cache.rows_table(list(b["key"]), list(b["prompt"]), list(b["shard_key"]), o, names)
+    names = tensor_names(len(spec.scales))
+    _, rows_ms = cpu_ms(lambda: [rows_table(list(b["key"]), list(b["prompt"]), list(b["shard_key"]), o, names)
                                  for b, o in zip(batches, outputs)], n)  # tensors -> cache rows (bytes, Arrow)
     assert np.isfinite(out["z_0"].float().cpu().numpy()).all()
     return {"images": n, "wall_s": wall, "images_per_s": n * repeats / wall, "threads": torch.get_num_threads(),

@@ -31,7 +31,10 @@ import torch  # noqa: E402
 
 from pipeline import tiny  # noqa: E402
 from stages import load_config  # noqa: E402
-from stages import cache, distill  # noqa: E402
+from pipeline import latent_cache  # noqa: E402
+from stages import distill  # noqa: E402
+from stages.distill import checks, worker  # noqa: E402
+from stages.distill.metrics import PROGRESS_METRIC  # noqa: E402
 
 
 def bare_loop(bundle_dir: Path, cache_dir: Path, cfg, swd, steps: int, warmup: int) -> dict:
@@ -52,13 +55,13 @@ def bare_loop(bundle_dir: Path, cache_dir: Path, cfg, swd, steps: int, warmup: i
     opt_s = torch.optim.AdamW(nets.student_parameters(), lr=cfg.lr, **adamw)
     opt_f = torch.optim.AdamW(nets.fake_parameters(), lr=cfg.fake_lr, **adamw) if nets.fake is not None else None
     table = pq.read_table(cache_dir / "data")
-    columns = distill.cache_columns(swd.schedule.scales, json.loads((cache_dir / cache.CACHE_FILE).read_text())["scales"])
+    columns = checks.cache_columns(swd.schedule.scales, json.loads((cache_dir / latent_cache.CACHE_FILE).read_text())["scales"])
     batch_size, position = cfg.batch_size_per_worker, [0]
 
     def next_batch():
         if position[0] + batch_size > table.num_rows:
             position[0] = 0
-        batch = cache.decode_batch(table.slice(position[0], batch_size))
+        batch = latent_cache.decode_batch(table.slice(position[0], batch_size))
         position[0] += batch_size
         return batch
 
@@ -115,12 +118,12 @@ def ray_loop(bundle_dir: Path, cache_dir: Path, root: Path, cfg, swd, teacher, s
     uri = f"sqlite:///{root / 'mlflow.db'}"
     mlc = mlflow.MlflowClient(uri)
     run_id = mlc.create_run(mlc.create_experiment("bench", (root / "art").as_uri())).info.run_id
-    manifest = json.loads((cache_dir / cache.CACHE_FILE).read_text())
-    spec = distill.LoopSpec(
+    manifest = json.loads((cache_dir / latent_cache.CACHE_FILE).read_text())
+    spec = worker.LoopSpec(
         distill=cfg.model_dump(mode="json"), swd=swd.model_dump(mode="json"), location=str(bundle_dir),
-        load_t5=teacher.load_t5, columns=distill.cache_columns(swd.schedule.scales, manifest["scales"]),
-        sample_prompts=distill.sample_prompts(cache_dir, cfg.sample_num_prompts), tracking_uri=uri, run_id=run_id,
-        vae_scale_factor=4, hooks={})
+        load_t5=teacher.load_t5, columns=checks.cache_columns(swd.schedule.scales, manifest["scales"]),
+        sample_prompts=checks.sample_prompts(cache_dir, cfg.sample_num_prompts), tracking_uri=uri, run_id=run_id,
+        vae_scale_factor=4)
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"PYTHONPATH": str(Path(__file__).resolve().parent.parent)}})
     try:
@@ -129,7 +132,7 @@ def ray_loop(bundle_dir: Path, cache_dir: Path, root: Path, cfg, swd, teacher, s
         total_s = time.monotonic() - started
     finally:
         ray.shutdown()
-    stamps = {int(m.step): m.timestamp for m in mlc.get_metric_history(run_id, distill.PROGRESS_METRIC)}
+    stamps = {int(m.step): m.timestamp for m in mlc.get_metric_history(run_id, PROGRESS_METRIC)}
     wall = (stamps[warmup + steps] - stamps[warmup]) / 1000
     # CPU time of the worker process per step (training thread, data decode, Ray's threads), past the warm-up.
     cpu = [m.value for m in mlc.get_metric_history(run_id, "cpu_s_per_step") if m.step > warmup]
@@ -151,8 +154,8 @@ def main() -> int:
     if args.steps % args.warmup:
         parser.error("--steps must be a multiple of --warmup (the Ray run logs every --warmup steps)")
     overrides = ["distill.num_workers=1", "distill.use_gpu=false", "distill.num_cpus_per_worker=1",
-                 f"distill.num_steps={args.warmup + args.steps}", f"distill.log_every={args.warmup}",
-                 f"distill.checkpoint_every={10 ** 6}", f"distill.sample_every={10 ** 6}", "distill.shuffle_buffer_rows=0",
+                 f"distill.num_steps={args.warmup + args.steps}", f"distill.log_every_steps={args.warmup}",
+                 f"distill.checkpoint_every_steps={10 ** 6}", f"distill.sample_every_steps={10 ** 6}", "distill.shuffle_buffer_rows=0",
                  *([f"distill.zero_stage={args.zero_stage}"] if args.zero_stage is not None else []), *args.overrides]
     full = load_config(overrides=overrides)
     cfg, swd, teacher = full.distill, full.swd, full.teacher

@@ -4,7 +4,8 @@
 
 Eval prompts are the `eval` split of `make_sample(data_seed, "eval", i, ...)` (what the shards
 stage writes for the same grammar); images from the stock StableDiffusion3Pipeline of the bundle
-(`pipeline.teacher.load_bundle`), `--steps` Euler steps with CFG, one fixed seed.
+(`pipeline.teacher.load_bundle`), `--steps` Euler steps with CFG, one fixed seed; the defaults are the
+teacher sampler's (`pipeline.teacher.TeacherSampler`, as `teacher.sampler` draws the stage's grid).
 """
 
 from __future__ import annotations
@@ -21,11 +22,14 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP
 
 
 def main() -> None:
+    from pipeline.teacher import TeacherSampler
+
+    sampler = TeacherSampler()
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("bundle")
     parser.add_argument("--num-prompts", type=int, default=256)
-    parser.add_argument("--steps", type=int, default=28)
-    parser.add_argument("--guidance-scale", default="3", help="comma-separated list to sweep")
+    parser.add_argument("--steps", type=int, default=sampler.num_steps)
+    parser.add_argument("--guidance-scale", default=f"{sampler.guidance_scale:g}", help="comma-separated list to sweep")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--data-seed", type=int, default=0)
     parser.add_argument("--shapes", default="circle,square,triangle")

@@ -1,14 +1,15 @@
-"""Train the embedded tiny teacher exactly as the `teacher` stage does, outside the pipeline.
+"""Train the embedded tiny teacher with the `teacher` stage's trainer, outside the pipeline.
 
-Generates the shapes dataset (same `make_sample` as the shards stage) into a temporary
-directory, starts a local Ray and a local MLflow store, calls `stages.teacher.run` with a
-`StageContext` and copies the trained bundle to `--out`. This is how `assets/tiny-teacher` was
-made (see assets/README.md for the exact command):
+Generates the shapes dataset (same `make_sample` as the shards stage) into a work directory, opens
+a run in a local MLflow store there, calls `pipeline.teacher_training.train` in this process (no
+stage, no graph, no Ray) and copies the trained bundle to `--out`. This is how `assets/tiny-teacher`
+was made (see assets/README.md for the exact command):
 
     nice python scripts/train_tiny_teacher.py --out assets/tiny-teacher \
         --set num_steps=3000 --set vae_num_steps=600
 
-`--set key=value` sets any key of the teacher config section (stages/teacher.py: Config).
+`--set key=value` sets any training key of the teacher section (pipeline/teacher_training.py:
+TrainingConfig; `sampler.num_steps=2` for the nested sampler block), value in YAML.
 """
 
 from __future__ import annotations
@@ -22,8 +23,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import yaml
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP: spinning threads thrash on shared cores
 
@@ -32,7 +31,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", required=True, help="directory to write the trained bundle to (replaced)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="teacher config key (stages/teacher.py Config), value in YAML")
+                        help="training key of the teacher section (pipeline/teacher_training.py TrainingConfig), "
+                             "value in YAML")
     parser.add_argument("--data-seed", type=int, default=0)
     parser.add_argument("--num-train-samples", type=int, default=4096)
     parser.add_argument("--num-eval-samples", type=int, default=256)
@@ -44,16 +44,20 @@ def main() -> None:
     args = parser.parse_args()
 
     import mlflow
-    import ray
 
-    from pipeline.context import StageContext
-    from stages import teacher
+    from pipeline import teacher_training
+    from pipeline.config import parse_override
+    from pipeline.data import shard_urls
 
-    overrides = {}
+    overrides: dict = {}
     for item in args.set:
-        key, _, value = item.partition("=")
-        overrides[key] = yaml.safe_load(value)
-    cfg = teacher.Config.model_validate(overrides)
+        key, value = parse_override(f"teacher.{item}")
+        *parents, leaf = key.split(".")[1:]
+        node = overrides
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    cfg = teacher_training.TrainingConfig.model_validate(overrides)
     grammar = {k: getattr(args, k).split(",") for k in ("shapes", "colours", "sizes", "backgrounds")}
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="tiny-teacher-"))
@@ -68,29 +72,24 @@ def main() -> None:
     run = client.create_run(experiment.experiment_id, run_name="train_tiny_teacher")
     client.log_batch(run.info.run_id, params=[mlflow.entities.Param(k, str(v))
                                               for k, v in {**cfg.model_dump(), **grammar}.items()])
-    output = work / "output"
+    output, scratch = work / "output", work / "scratch"  # scratch survives: a rerun with --workdir resumes
     shutil.rmtree(output, ignore_errors=True)
     output.mkdir()
-    ctx = StageContext(name="teacher", config=cfg, sections={"teacher": cfg}, inputs={"shards": shards},
-                       output_dir=output, scratch_dir=work / "scratch", shared_dir=work / "shared",
-                       tracking_uri=tracking_uri, run_id=run.info.run_id, fingerprint="script")
-    ctx.scratch_dir.mkdir(exist_ok=True)
-    ray.init(address="local", num_cpus=max(cfg.num_cpus, 1), include_dashboard=False)
+    scratch.mkdir(exist_ok=True)
     started = time.monotonic()
-    try:
-        teacher.run(ctx)
-    finally:
-        ray.shutdown()
+    result = teacher_training.train(cfg, shard_urls(shards, "train"), shard_urls(shards, "eval"), output, scratch,
+                                    tracking_uri, run.info.run_id)
     client.set_terminated(run.info.run_id)
     out = Path(args.out)
     shutil.rmtree(out, ignore_errors=True)
-    shutil.copytree(output / teacher.BUNDLE_DIR, out)
-    record = json.loads((output / teacher.TEACHER_FILE).read_text())
+    shutil.copytree(output / teacher_training.BUNDLE_DIR, out)
+    # the stage's teacher.json record, plus how it was made
+    record = {"source": "trained", "location": teacher_training.BUNDLE_DIR, **result}
     record.update(command=" ".join(sys.argv), grammar=grammar, data_seed=args.data_seed,
                   num_train_samples=args.num_train_samples, stage_wall_s=round(time.monotonic() - started, 1))
     (out / "training.json").write_text(json.dumps(record, indent=1) + "\n")
-    if (output / teacher.GRID_FILE).is_file():
-        shutil.copy(output / teacher.GRID_FILE, out / "samples.png")
+    if (output / teacher_training.GRID_FILE).is_file():
+        shutil.copy(output / teacher_training.GRID_FILE, out / "samples.png")
     print(json.dumps(record, indent=1))
 
 

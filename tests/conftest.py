@@ -22,6 +22,18 @@ SMALL_DATA = [
 ]
 
 
+# Fixtures that make a test an integration test: it starts or joins a real Ray cluster. Such tests
+# are marked `slow`, so `python -m pytest -m "not slow"` is the inner loop of pure-torch, config,
+# graph and format tests; CI and the README run everything.
+INTEGRATION_FIXTURES = ("ray_local",)
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if any(name in getattr(item, "fixturenames", ()) for name in INTEGRATION_FIXTURES):
+            item.add_marker(pytest.mark.slow)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -3,11 +3,11 @@ every kind of bad input, and the tolerant tar reader on its own."""
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import shutil
 import tarfile
-import types
 from pathlib import Path
 
 import mlflow
@@ -16,16 +16,17 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline import graph, samples, tiny
-from stages import default_stages, load_config
+from helpers.context import pretrained_teacher_stages, stage_context
+from helpers.shards import good_shard, image_bytes, sample, write_tar
+from pipeline import graph, latent_cache, samples
 from pipeline.context import StageContext
 from pipeline.data import SHARDS_FILE
+from pipeline.run import run_stages
 from pipeline.swd.config import SwdConfig
 from pipeline.swd.inputs import scale_images
-from pipeline.run import run_stages
-from helpers.shards import good_shard, image_bytes, prompt, sample, write_tar
-from stages import cache
+from stages import cache, default_stages, load_config
 from stages import teacher as teacher_stage
+from stages.cache import encoder, rounds, shard_keys
 
 
 # ----------------------------------------------------------------------------- hand-made shards
@@ -89,8 +90,11 @@ FAST = ["cache.batch_size=8", "cache.decode_batch_size=8"]
 
 
 @pytest.fixture(scope="module")
-def bundle(tmp_path_factory) -> Path:
-    directory = tiny.build_bundle(tmp_path_factory.mktemp("bundle") / "tiny")
+def bundle(tmp_path_factory, tiny_bundle) -> Path:
+    """The session's tiny bundle with a VAE scaling and shift that are not 1 / 0 (a copy: the
+    session one stays as it is)."""
+    directory = tmp_path_factory.mktemp("bundle") / "tiny"
+    shutil.copytree(tiny_bundle, directory)
     vae_config = directory / "vae" / "config.json"
     config = json.loads(vae_config.read_text())
     config.update(scaling_factor=SCALING, shift_factor=SHIFT)
@@ -105,22 +109,12 @@ def loaded(bundle):
     return load_bundle(bundle, "float32", "cpu")
 
 
-def stages():
-    """The default stages; the teacher spec relaxes OUTPUTS to what a pretrained teacher writes
-    (stages/teacher.py declares bundle/ and samples.png, which only training writes)."""
-    t = teacher_stage
-    module = types.SimpleNamespace(VERSION=t.VERSION, SECTIONS=t.SECTIONS, OUTPUTS=(t.TEACHER_FILE,), run=t.run,
-                                   external_fingerprint=t.external_fingerprint)
-    upstream = [s for s in default_stages() if s.name in ("shards", "teacher", "cache")]  # up to the cache
-    return [graph.StageSpec(s.name, module, s.inputs) if s.name == "teacher" else s for s in upstream]
-
-
 def run_graph(root: Path, bundle: Path, *overrides: str) -> graph.PlannedStage:
     wd = root / "wd"
     cfg = load_config(overrides=[f"workdir={wd}", f"data.train_shards={root}/shards/train-*.tar",
                                  f"data.eval_shards={root}/shards/eval-000.tar", f"teacher.pretrained={bundle}",
                                  *FAST, *overrides])
-    planned = graph.plan(cfg, stages())
+    planned = graph.plan(cfg, pretrained_teacher_stages())
     assert run_stages(cfg, planned, f"sqlite:///{wd / 'mlflow.db'}", []) == 0
     return planned[-1]
 
@@ -160,15 +154,19 @@ def shard_samples(path: Path) -> dict[str, dict[str, bytes]]:
 
 
 def test_cached_latents_and_embeddings_equal_a_direct_encode(first_run, pipeline_root, loaded):
-    manifest = cache.read_manifest(first_run.output_dir)
+    manifest = latent_cache.read_manifest(first_run.output_dir)
     scales = SwdConfig().schedule.scales
     assert manifest["num_rows"] == 20 and manifest["num_rejects"] == 0
     assert manifest["scales"] == scales and manifest["vae_scale_factor"] == 4
     assert manifest["encoder"]["location"] == str(Path(loaded.location))
     assert [Path(e["dir"]).is_dir() for e in manifest["shards"]] == [True, True]
+    # the graph logs the declared outputs on the stage's run
+    run_id = graph.read_manifest(first_run.output_dir)["run_id"]
+    logged = mlflow.MlflowClient(f"sqlite:///{pipeline_root / 'wd' / 'mlflow.db'}").list_artifacts(run_id)
+    assert sorted(a.path for a in logged) == sorted(cache.OUTPUTS)
 
     # one Ray Data read, as the distill stage reads it: numpy batches
-    numpy_batches = list(cache.read_cache(first_run.output_dir).iter_batches(batch_size=8, batch_format="numpy"))
+    numpy_batches = list(latent_cache.read_cache(first_run.output_dir).iter_batches(batch_size=8, batch_format="numpy"))
     rows = [{k: v[b] for k, v in nb.items()} for nb in numpy_batches for b in range(len(nb["key"]))]
     assert len(rows) == 20
     row = rows[0]
@@ -176,7 +174,7 @@ def test_cached_latents_and_embeddings_equal_a_direct_encode(first_run, pipeline
     assert list(row["z_im1_2_shape"]) == [4, scales[1], scales[1]]  # previous scale's side
     assert len(row["z_3"]) == 4 * 4 * scales[3] ** 2  # raw float32 bytes
 
-    batch = cache.decode_batch({k: [r[k] for r in rows] for k in rows[0]})
+    batch = latent_cache.decode_batch({k: [r[k] for r in rows] for k in rows[0]})
     samples = {**shard_samples(pipeline_root / "shards" / "train-000.tar"),
                **shard_samples(pipeline_root / "shards" / "train-001.tar")}
     assert sorted(batch["key"]) == sorted(samples)
@@ -200,19 +198,19 @@ def test_cached_latents_and_embeddings_equal_a_direct_encode(first_run, pipeline
 
     by_key = {k: b for b, k in enumerate(batch["key"])}
     table = pq.read_table(manifest["shards"][0]["dir"])
-    for got in (cache.decode_batch(numpy_batches[0]), cache.decode_batch(table), cache.decode_batch(table.to_pandas())):
+    for got in (latent_cache.decode_batch(numpy_batches[0]), latent_cache.decode_batch(table), latent_cache.decode_batch(table.to_pandas())):
         rows_of = [by_key[k] for k in got["key"]]
         assert got["prompt_embeds"].shape == (len(rows_of), *batch["prompt_embeds"].shape[1:])
         for i in range(len(scales)):
             assert torch.equal(got["z"][i], batch["z"][i][rows_of])
             assert torch.equal(got["z_im1"][i], batch["z_im1"][i][rows_of])
-    one = cache.decode_row(rows[3])
+    one = latent_cache.decode_row(rows[3])
     assert torch.equal(one["z_2"], batch["z"][2][by_key[one["key"]]]) and one["z_2"].shape == (4, 12, 12)
 
 
 def test_adding_a_shard_encodes_only_that_shard(first_run, pipeline_root, bundle):
-    before = cache.read_manifest(first_run.output_dir)
-    records = {e["shard_key"]: Path(e["dir"]).parent / cache.SHARD_FILE for e in before["shards"]}
+    before = latent_cache.read_manifest(first_run.output_dir)
+    records = {e["shard_key"]: Path(e["dir"]).parent / shard_keys.SHARD_FILE for e in before["shards"]}
     stamps = {k: p.stat().st_mtime_ns for k, p in records.items()}
 
     good_shard(pipeline_root / "shards" / "train-002.tar", "c", 6, seed=70)
@@ -220,10 +218,10 @@ def test_adding_a_shard_encodes_only_that_shard(first_run, pipeline_root, bundle
     summary = graph.read_manifest(out.output_dir)["summary"]
     assert summary["shards_encoded"] == 1 and summary["shards_reused"] == 2
     assert summary["rows_encoded"] == 6 and summary["rows"] == 26
-    manifest = cache.read_manifest(out.output_dir)
+    manifest = latent_cache.read_manifest(out.output_dir)
     assert [e["reused"] for e in manifest["shards"]] == [True, True, False]
     assert {k: p.stat().st_mtime_ns for k, p in records.items()} == stamps  # untouched
-    assert cache.read_cache(out.output_dir).count() == 26
+    assert latent_cache.read_cache(out.output_dir).count() == 26
 
     # the same command again: the whole stage is cached
     assert run_graph(pipeline_root, bundle).action == "cached"
@@ -232,19 +230,19 @@ def test_adding_a_shard_encodes_only_that_shard(first_run, pipeline_root, bundle
 def test_shard_key_changes_with_what_changes_the_bytes(bundle, tmp_path):
     directory = tmp_path / "copy"
     shutil.copytree(bundle, directory)
-    spec = cache.EncoderSpec(location=str(directory), dtype="float32", device="cpu", load_t5="auto",
+    spec = shard_keys.EncoderSpec(location=str(directory), dtype="float32", device="cpu", load_t5="auto",
                              local_files_only=True, posterior="mode", seed=0, storage_dtype="float32",
                              scales=[8, 10, 12, 16], vae_scale_factor=4)
-    shard = cache.Shard("/data/train-000.tar", 1000, 5)
+    shard = shard_keys.Shard("/data/train-000.tar", 1000, 5)
 
     def key(shard=shard, **changes):
-        s = cache.EncoderSpec(**{**spec.__dict__, **changes})
-        return cache.shard_key(shard, cache.encoder_identity(directory, s), s)
+        s = shard_keys.EncoderSpec(**{**spec.__dict__, **changes})
+        return shard_keys.shard_key(shard, shard_keys.encoder_identity(directory, s), s)
 
     base = key()
     assert key() == base and key(device="cuda") == base and key(seed=1) == base  # seed only matters for sample
     for changed in (dict(storage_dtype="bfloat16"), dict(dtype="bfloat16"), dict(posterior="sample"),
-                    dict(scales=[8, 16]), dict(load_t5=False), dict(shard=cache.Shard(shard.url, 1001, 5))):
+                    dict(scales=[8, 16]), dict(load_t5=False), dict(shard=shard_keys.Shard(shard.url, 1001, 5))):
         assert key(**changed) != base, changed
     weights = directory / "transformer" / "diffusion_pytorch_model.safetensors"
     weights.write_bytes(weights.read_bytes() + b" ")  # the transformer is not an encoder
@@ -258,24 +256,18 @@ def test_shard_key_changes_with_what_changes_the_bytes(bundle, tmp_path):
 
 
 def _context(root: Path, bundle: Path, shards: list[str], cfg: cache.Config) -> StageContext:
+    """A fresh output dir and MLflow run per call; one shared dir for all (so shards are reused)."""
     (root / "shards-out").mkdir(parents=True, exist_ok=True)
     (root / "shards-out" / SHARDS_FILE).write_text(json.dumps({"train": [{"url": u} for u in shards], "eval": []}))
     (root / "teacher-out").mkdir(exist_ok=True)
     (root / "teacher-out" / teacher_stage.TEACHER_FILE).write_text(
         json.dumps({"source": "pretrained", "location": str(bundle)}))
-    out = root / f"out-{len(list(root.glob('out-*')))}"
-    for d in (out, root / "scratch", root / "shared"):
-        d.mkdir(exist_ok=True)
-    uri = f"sqlite:///{root / 'mlflow.db'}"
-    client = mlflow.MlflowClient(uri)
-    exp = client.get_experiment_by_name("cache-test") or client.get_experiment(client.create_experiment(
-        "cache-test", artifact_location=(root / "artifacts").as_uri()))
-    run_id = client.create_run(exp.experiment_id).info.run_id
-    return StageContext(name="cache", config=cfg, sections={"cache": cfg, "swd": SwdConfig(),
-                                                            "teacher": teacher_stage.Config(pretrained=str(bundle))},
-                        inputs={"shards": root / "shards-out", "teacher": root / "teacher-out"}, output_dir=out,
-                        scratch_dir=root / "scratch", shared_dir=root / "shared", tracking_uri=uri, run_id=run_id,
-                        fingerprint="test")
+    (root / "shared").mkdir(exist_ok=True)
+    sections = {"cache": cfg, "swd": SwdConfig(), "teacher": teacher_stage.Config(pretrained=str(bundle))}
+    ctx = stage_context("cache", sections, root / f"ctx-{len(list(root.glob('ctx-*')))}",
+                        inputs={"shards": root / "shards-out", "teacher": root / "teacher-out"},
+                        uri=f"sqlite:///{root / 'mlflow.db'}")
+    return dataclasses.replace(ctx, shared_dir=root / "shared")
 
 
 @pytest.fixture(scope="module")
@@ -295,7 +287,7 @@ def bad_root(tmp_path_factory, ray_local, bundle):
 
 def test_bad_input_is_skipped_counted_and_good_samples_kept(bad_root):
     root, kinds, urls, ctx = bad_root
-    manifest = cache.read_manifest(ctx.output_dir)
+    manifest = latent_cache.read_manifest(ctx.output_dir)
     expected = {key: reason for k in kinds.values() for key, reason in k["rejects"].items()}
     expected[urls[-2]] = expected[urls[-1]] = "unreadable_shard"
     rejects = [json.loads(line) for line in (ctx.output_dir / cache.REJECTS_FILE).read_text().splitlines()]
@@ -309,7 +301,7 @@ def test_bad_input_is_skipped_counted_and_good_samples_kept(bad_root):
                             "empty_caption", "bad_caption", "non_contiguous", "unreadable_shard"}
 
     good_keys = sorted([f"g{i:04d}" for i in range(6)] + [key for k in kinds.values() for key in k["good"]])
-    keys = sorted(r["key"] for r in cache.read_cache(ctx.output_dir, columns=["key"]).take_all())
+    keys = sorted(r["key"] for r in latent_cache.read_cache(ctx.output_dir, columns=["key"]).take_all())
     assert keys == good_keys and manifest["num_rows"] == len(good_keys)
     # unreadable shards are not cached (tried again next run); the readable ones are
     assert len(manifest["shards"]) == len(urls) - 2
@@ -317,8 +309,6 @@ def test_bad_input_is_skipped_counted_and_good_samples_kept(bad_root):
     run = mlflow.MlflowClient(ctx.tracking_uri).get_run(ctx.run_id)
     assert run.data.metrics["rejects_not_image"] == 2 and run.data.metrics["rows"] == len(good_keys)
     assert run.data.metrics["rejects"] == len(expected) and run.data.metrics["rows_per_s"] > 0
-    logged = [a.path for a in mlflow.MlflowClient(ctx.tracking_uri).list_artifacts(ctx.run_id)]
-    assert cache.REJECTS_FILE in logged and cache.CACHE_FILE in logged
 
 
 def test_too_many_rejects_fail_with_a_clear_error_and_keep_the_encoded_shards(bad_root, bundle):
@@ -331,6 +321,9 @@ def test_too_many_rejects_fail_with_a_clear_error_and_keep_the_encoded_shards(ba
         cache.run(strict)
     rejects = (strict.output_dir / cache.REJECTS_FILE).read_text()  # written before failing
     assert rejects.count("\n") == 12
+    # a failed stage commits nothing (the graph logs no outputs): the stage logs the rejects itself
+    logged = [a.path for a in mlflow.MlflowClient(strict.tracking_uri).list_artifacts(strict.run_id)]
+    assert logged == [cache.REJECTS_FILE]
     assert strict.summary["shards_reused"] == len(urls) - 2 and strict.summary["rows_encoded"] == 0
 
 
@@ -356,7 +349,7 @@ def test_rejected_fraction_weighs_an_unreadable_shard_as_an_average_shard():
 def test_tar_reader_keeps_every_good_sample_of_each_bad_shard(tmp_path):
     for name, spec in bad_shards(tmp_path).items():
         rows, rejects = [], []
-        for r, j in cache.read_shard(str(spec["path"]), "k"):
+        for r, j in rounds.read_shard(str(spec["path"]), "k"):
             rows += r
             rejects += j
         # image problems are found by the decoder, not the reader
@@ -387,28 +380,28 @@ def test_tar_faults_at_the_end_and_between_archives(tmp_path):
     assert judge(data[:end] + b"junk" * 256) == (["g0000", "g0001", "g0002"], [(f"x@{end}", "corrupt_tar")])
     assert judge(data + good_shard(tmp_path / "h.tar", "h", 1).read_bytes())[0] == ["g0000", "g0001", "g0002", "h0000"]
     assert judge(b"not a tar at all" * 100) == ([], [("x@0", "corrupt_tar")])
-    assert list(cache.read_shard(str(tmp_path / "missing.tar"), "k"))[0][1][0]["reason"] == "unreadable_shard"
+    assert list(rounds.read_shard(str(tmp_path / "missing.tar"), "k"))[0][1][0]["reason"] == "unreadable_shard"
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_tensor_bytes_round_trip(dtype):
     x = torch.randn(3, 4, 5, 5).to(dtype)
-    data, shape, name = cache.tensor_bytes(x)
+    data, shape, name = latent_cache.tensor_bytes(x)
     assert shape == [4, 5, 5] and name == str(dtype).removeprefix("torch.")
     assert len(data) == 3 and len(data[0]) == 4 * 5 * 5 * x.element_size()
-    back = torch.stack([cache.decode_tensor(d, shape, name) for d in data])
+    back = torch.stack([latent_cache.decode_tensor(d, shape, name) for d in data])
     assert back.dtype == dtype and torch.equal(back.view(torch.int16 if x.element_size() == 2 else torch.int32),
                                                x.view(torch.int16 if x.element_size() == 2 else torch.int32))
     with pytest.raises(ValueError, match="cache tensor dtype 'int8' is not one of"):
-        cache.decode_tensor(b"\0", [1], "int8")
+        latent_cache.decode_tensor(b"\0", [1], "int8")
 
 
 def test_posterior_sample_is_seeded_per_key_not_per_batch(bundle):
     scales = SwdConfig().schedule.scales
-    spec = cache.EncoderSpec(location=str(bundle), dtype="float32", device="cpu", load_t5="auto", local_files_only=True,
+    spec = shard_keys.EncoderSpec(location=str(bundle), dtype="float32", device="cpu", load_t5="auto", local_files_only=True,
                              posterior="sample", seed=0, storage_dtype="float32", scales=scales, vae_scale_factor=4)
-    sampler = cache.TeacherEncoder(spec)
-    pixels = [scale_images(cache.image_tensor(_png(seed)), scales, 3, 4)[0] for seed in range(3)]
+    sampler = encoder.TeacherEncoder(spec)
+    pixels = [scale_images(encoder.image_tensor(_png(seed)), scales, 3, 4)[0] for seed in range(3)]
     batch = np.concatenate([p.numpy() for p in pixels])
     both = sampler.latents(batch, ["a", "b", "c"], "z_3")
     alone = sampler.latents(batch[1:2], ["b"], "z_3")
@@ -418,7 +411,7 @@ def test_posterior_sample_is_seeded_per_key_not_per_batch(bundle):
     vae = sampler.bundle.vae
     with torch.no_grad():
         dist = vae.encode(torch.from_numpy(batch[1:2])).latent_dist
-    eps = torch.randn(dist.mean.shape, generator=torch.Generator().manual_seed(cache._seed(0, "b", "z_3")))
+    eps = torch.randn(dist.mean.shape, generator=torch.Generator().manual_seed(encoder.sample_seed(0, "b", "z_3")))
     torch.testing.assert_close(alone, (dist.mean + dist.std * eps - SHIFT) * SCALING)
 
 
@@ -428,18 +421,18 @@ def test_bfloat16_teacher_carries_pixels_as_bits_and_matches_float32(bundle, tmp
     import pyarrow as pa
 
     path = good_shard(tmp_path / "g.tar", "g", 3)
-    rows = [r for chunk, _ in cache.read_shard(str(path), "k") for r in chunk]
-    table = pa.Table.from_pylist(rows, schema=cache.sample_schema())
+    rows = [r for chunk, _ in rounds.read_shard(str(path), "k") for r in chunk]
+    table = pa.Table.from_pylist(rows, schema=rounds.sample_schema())
     scales = SwdConfig().schedule.scales
     out = {}
     for dtype in ("float32", "bfloat16"):
-        spec = cache.EncoderSpec(location=str(bundle), dtype=dtype, device="cpu", load_t5="auto", local_files_only=True,
+        spec = shard_keys.EncoderSpec(location=str(bundle), dtype=dtype, device="cpu", load_t5="auto", local_files_only=True,
                                  posterior="mode", seed=0, storage_dtype=dtype, scales=scales, vae_scale_factor=4)
-        decoded = cache.decode_images(table, spec)
+        decoded = encoder.decode_images(table, spec)
         assert decoded["pixels_3"].dtype == (np.int16 if dtype == "bfloat16" else np.float32)
-        out[dtype] = cache.TeacherEncoder(spec).forward(decoded)
-    pixels32 = cache.decode_images(table, cache.EncoderSpec(**{**spec.__dict__, "dtype": "float32"}))["pixels_2"]
-    assert torch.equal(cache.from_numpy(decoded["pixels_2"], "bfloat16"),
+        out[dtype] = encoder.TeacherEncoder(spec).forward(decoded)
+    pixels32 = encoder.decode_images(table, shard_keys.EncoderSpec(**{**spec.__dict__, "dtype": "float32"}))["pixels_2"]
+    assert torch.equal(latent_cache.from_numpy(decoded["pixels_2"], "bfloat16"),
                        torch.from_numpy(pixels32).to(torch.bfloat16))
     for name, value in out["bfloat16"].items():
         assert value.dtype == torch.bfloat16
@@ -454,12 +447,12 @@ def test_images_are_upright_rgb_centre_crops():
     out = io.BytesIO()
     Image.fromarray(pixels).save(out, format="PNG", exif=exif)
     upright = np.rot90(pixels, k=-1)  # h 64, w 40 -> centre crop rows 12..52
-    x = cache.image_tensor(out.getvalue())
+    x = encoder.image_tensor(out.getvalue())
     expected = torch.from_numpy(upright[12:52].copy()).permute(2, 0, 1)[None].float() / 127.5 - 1
     assert x.shape == (1, 3, 40, 40) and torch.equal(x, expected)
     grey = io.BytesIO()
     Image.fromarray(pixels[:, :, 0]).convert("LA").save(grey, format="PNG")  # grey + alpha -> RGB
-    assert cache.image_tensor(grey.getvalue()).shape == (1, 3, 40, 40)
+    assert encoder.image_tensor(grey.getvalue()).shape == (1, 3, 40, 40)
 
 
 def _png(seed: int) -> bytes:

@@ -27,8 +27,8 @@ pytest.importorskip("deepspeed")
 
 # test_distill's small settings: LoRA rank 4, batch 2, one fake update per step.
 FAST = ["swd.student.lora_rank=4", "swd.fake.lora_rank=4", "swd.student.lora_alpha=4", "swd.fake.lora_alpha=4",
-        "distill.batch_size_per_worker=2", "distill.fake_updates_per_step=1", "distill.log_every=1",
-        "distill.sample_every=2", "distill.checkpoint_every=2", "distill.shuffle_buffer_rows=0",
+        "distill.batch_size_per_worker=2", "distill.fake_updates_per_step=1", "distill.log_every_steps=1",
+        "distill.sample_every_steps=2", "distill.checkpoint_every_steps=2", "distill.shuffle_buffer_rows=0",
         "distill.lr=1e-3", "distill.fake_lr=1e-3", "distill.zero_stage=2"]
 # One worker per node: 2 CPUs each; the head has 3 (one left for Ray Data), the worker node 2, so
 # the two 2-CPU bundles cannot share a node.
@@ -145,14 +145,13 @@ def cluster(tmp_path):
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory) -> dict[str, str]:
     from pipeline import tiny
-    from test_distill import make_cache
 
     root = tmp_path_factory.mktemp("two-node-inputs")
     bundle = tiny.build_bundle(root / "bundle")
     teacher = root / "teacher"
     teacher.mkdir()
     (teacher / "teacher.json").write_text(json.dumps({"source": "pretrained", "location": str(bundle)}))
-    return {"cache": str(make_cache(root / "cache", bundle, 24, [8, 10, 12, 16])), "teacher": str(teacher)}
+    return {"cache": str(tiny.synthetic_cache(root / "cache", bundle, 24, [8, 10, 12, 16])), "teacher": str(teacher)}
 
 
 @pytest.mark.slow

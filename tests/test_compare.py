@@ -10,7 +10,7 @@ import pytest
 from pipeline import compare, graph
 from stages import load_config
 from pipeline.run import main, run_stages
-from stages.evaluate import CANONICAL_METRICS
+from pipeline.eval_record import CANONICAL_METRICS
 
 
 def toy_evaluate() -> types.ModuleType:

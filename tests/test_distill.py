@@ -11,7 +11,6 @@ import re
 import signal
 import threading
 import time
-import uuid
 from pathlib import Path
 
 import mlflow
@@ -19,17 +18,20 @@ import pytest
 import torch
 
 import stages
+from helpers.context import stage_context
+from helpers.stock_diffusers import check_export_in_stock_diffusers
 from pipeline import tiny
 from pipeline.config import ConfigError
-from stages import load_config
 from pipeline.context import StageContext
-from stages import distill
-from helpers.stock_diffusers import check_export_in_stock_diffusers
+from pipeline.student_export import LORA_WEIGHTS, init_student_adapter
+from stages import distill, load_config
+from stages.distill import checks, faults, worker
+from stages.distill.metrics import PROGRESS_METRIC
 
 # Small everywhere: LoRA rank 4, batch 2, one fake update per step, metrics every step.
 FAST = ["swd.student.lora_rank=4", "swd.fake.lora_rank=4", "swd.student.lora_alpha=4", "swd.fake.lora_alpha=4",
-        "distill.batch_size_per_worker=2", "distill.fake_updates_per_step=1", "distill.log_every=1",
-        "distill.sample_every=2", "distill.checkpoint_every=2", "distill.shuffle_buffer_rows=0",
+        "distill.batch_size_per_worker=2", "distill.fake_updates_per_step=1", "distill.log_every_steps=1",
+        "distill.sample_every_steps=2", "distill.checkpoint_every_steps=2", "distill.shuffle_buffer_rows=0",
         "distill.lr=1e-3", "distill.fake_lr=1e-3"]
 TWO_WORKERS = ["distill.num_workers=2", "distill.num_cpus_per_worker=0.5"]  # one CPU left for Ray Data
 BASELINE = ["swd.preset=null", "swd.scales=[16,16,16,16]", "swd.boundaries=[0,7,14,18]"]
@@ -40,39 +42,23 @@ CACHE_ROWS = 24
 # ----------------------------------------------------------------------------- inputs
 
 
-def make_cache(root: Path, bundle_dir: Path, rows: int, scales: list[int]) -> Path:
-    """A committed-looking cache output: real prompt embeddings of the bundle, random latents."""
-    return tiny.synthetic_cache(root, bundle_dir, rows, scales)
-
-
 @pytest.fixture(scope="module")
-def bundle(tmp_path_factory) -> Path:
-    return tiny.build_bundle(tmp_path_factory.mktemp("bundle") / "tiny")
-
-
-@pytest.fixture(scope="module")
-def inputs(tmp_path_factory, bundle) -> dict[str, Path]:
+def inputs(tmp_path_factory, tiny_bundle) -> dict[str, Path]:
+    """A pretrained-teacher output naming the tiny bundle, and a synthetic cache of its real prompt embeddings."""
     root = tmp_path_factory.mktemp("inputs")
     teacher = root / "teacher"
     teacher.mkdir()
-    (teacher / "teacher.json").write_text(json.dumps({"source": "pretrained", "location": str(bundle)}))
-    return {"cache": make_cache(root / "cache", bundle, CACHE_ROWS, [8, 10, 12, 16]), "teacher": teacher}
+    (teacher / "teacher.json").write_text(json.dumps({"source": "pretrained", "location": str(tiny_bundle)}))
+    return {"cache": tiny.synthetic_cache(root / "cache", tiny_bundle, CACHE_ROWS, [8, 10, 12, 16]), "teacher": teacher}
 
 
-def stage_context(root: Path, inputs: dict[str, Path], overrides: list[str], fingerprint: str = "f") -> StageContext:
+def distill_context(root: Path, inputs: dict[str, Path], overrides: list[str], fingerprint: str = "f") -> StageContext:
+    """A context of the distill stage under `root`; contexts with one root and fingerprint share the
+    scratch dir (the Ray Train checkpoints), as re-runs of one stage fingerprint do."""
     cfg = load_config(overrides=overrides)
-    uri = f"sqlite:///{root / 'mlflow.db'}"
-    mlc = mlflow.MlflowClient(uri)
-    exp = mlc.get_experiment_by_name("distill-test")
-    exp_id = exp.experiment_id if exp else mlc.create_experiment("distill-test", (root / "art").as_uri())
-    out = root / f"out-{uuid.uuid4().hex[:6]}"
-    out.mkdir(parents=True)
-    scratch = root / f"scratch-{fingerprint}"
-    scratch.mkdir(exist_ok=True)
-    return StageContext(name="distill", config=cfg.distill,
-                        sections={"distill": cfg.distill, "swd": cfg.swd, "teacher": cfg.teacher},
-                        inputs=inputs, output_dir=out, scratch_dir=scratch, shared_dir=root, tracking_uri=uri,
-                        run_id=mlc.create_run(exp_id).info.run_id, fingerprint=fingerprint)
+    ctx = stage_context("distill", {"distill": cfg.distill, "swd": cfg.swd, "teacher": cfg.teacher}, root, inputs)
+    ctx.fingerprint = fingerprint
+    return ctx
 
 
 def run_stage(ctx: StageContext, hooks: dict | None = None) -> StageContext:
@@ -112,24 +98,24 @@ def load_safetensors(path: Path) -> dict:
 
 
 def test_cache_columns_map_the_schedule_and_name_what_is_missing():
-    assert distill.cache_columns([8, 10, 12, 16], [8, 10, 12, 16]) == [
+    assert checks.cache_columns([8, 10, 12, 16], [8, 10, 12, 16]) == [
         ("z_0", "z_0"), ("z_1", "z_im1_1"), ("z_2", "z_im1_2"), ("z_3", "z_im1_3")]
     # The full-resolution baseline reads the largest scale of a scale-wise cache; z_im1 is z itself.
-    assert distill.cache_columns([16, 16, 16, 16], [8, 10, 12, 16]) == [("z_3", "z_3")] * 4
+    assert checks.cache_columns([16, 16, 16, 16], [8, 10, 12, 16]) == [("z_3", "z_3")] * 4
     with pytest.raises(ValueError, match=r"holds scales \[8, 10, 12, 16\].*swd scales \[8, 12\].*step 1: side 12 "
                                          r"after 8.*re-run the cache stage"):
-        distill.cache_columns([8, 12], [8, 10, 12, 16])
+        checks.cache_columns([8, 12], [8, 10, 12, 16])
 
 
 def test_stage_refuses_a_cache_without_the_schedules_scales(tmp_path, inputs):
-    ctx = stage_context(tmp_path, inputs, ["swd.preset=null", "swd.scales=[6,14]", "swd.boundaries=[0,14]"])
+    ctx = distill_context(tmp_path, inputs, ["swd.preset=null", "swd.scales=[6,14]", "swd.boundaries=[0,14]"])
     with pytest.raises(ValueError, match=r"lack what swd scales \[6, 14\] need \(step 0: side 6; step 1: side 14"):
         distill.run(ctx)
 
 
 def test_config_defaults_follow_swd_md_and_bf16_needs_a_gpu():
     cfg = distill.Config()
-    ds = distill.ds_config(cfg, cfg.lr, world_size=2, bf16=False)
+    ds = worker.ds_config(cfg, cfg.lr, world_size=2, bf16=False)
     assert ds["optimizer"] == {"type": "AdamW", "params": {"lr": 5e-6, "betas": [0.9, 0.999], "eps": 1e-8,
                                                            "weight_decay": 0.01, "torch_adam": True}}
     assert ds["gradient_clipping"] == 10.0 and ds["zero_optimization"] == {"stage": 2}
@@ -140,12 +126,29 @@ def test_config_defaults_follow_swd_md_and_bf16_needs_a_gpu():
         load_config(overrides=["distill.zero_stage=4"])
 
 
+def test_fault_hooks_are_read_once_by_the_driver_and_only_called_in_the_loop(tmp_path, monkeypatch):
+    monkeypatch.setenv(distill.HOOKS_ENV, json.dumps({"pid_dir": str(tmp_path / "pids"), "nan_at_steps": [2],
+                                                      "fail_at_step": 3}))
+    hooks = faults.Faults.from_env()
+    monkeypatch.delenv(distill.HOOKS_ENV)  # the workers get the parsed object, never the variable
+    hooks.started(rank=1)
+    assert (tmp_path / "pids" / "rank1.pid").read_text() == str(os.getpid())
+    loss = torch.tensor(1.0)
+    assert math.isnan(hooks.poison(loss, step=2, rank=0)) and hooks.poison(loss, step=2, rank=1) == 1.0
+    assert hooks.poison(loss, step=1, rank=0) == 1.0
+    hooks.after_step(2, rank=1)
+    assert (tmp_path / "pids" / "rank1.step").read_text() == "2"
+    with pytest.raises(RuntimeError, match="test hook: failing at step 3"):
+        hooks.after_step(3, rank=0)
+    assert faults.Faults.from_env() == faults.Faults()  # no variable: no faults
+
+
 # ----------------------------------------------------------------------------- 2 workers, ZeRO stages
 
 
 @pytest.mark.parametrize("zero_stage,schedule", [(0, BASELINE), (3, [])], ids=["zero0-baseline", "zero3-swd"])
 def test_two_workers_finish_with_finite_losses(tmp_path, ray_local, inputs, zero_stage, schedule):
-    ctx = stage_context(tmp_path, inputs, [*FAST, *TWO_WORKERS, *schedule, f"distill.zero_stage={zero_stage}",
+    ctx = distill_context(tmp_path, inputs, [*FAST, *TWO_WORKERS, *schedule, f"distill.zero_stage={zero_stage}",
                                            "distill.num_steps=2"])
     run_stage(ctx)
     summary = json.loads((ctx.output_dir / distill.SUMMARY_FILE).read_text())
@@ -164,7 +167,7 @@ def test_zero3_early_exit_trains_the_same_student_as_full_forwards(tmp_path, ray
     both runs read the cache in the same order; ZeRO-3 still partitions and gathers every parameter."""
     exports = []
     for stop in (False, True):
-        ctx = stage_context(tmp_path / f"stop-{stop}", inputs, [
+        ctx = distill_context(tmp_path / f"stop-{stop}", inputs, [
             *FAST, "distill.zero_stage=3", "distill.num_steps=2", "distill.gradient_checkpointing=true",
             "swd.loss.mmd_features=fake", f"swd.stop_at_feature_block={str(stop).lower()}"])
         run_stage(ctx)
@@ -183,9 +186,9 @@ def test_changing_an_operational_key_resumes_the_interrupted_run(tmp_path, ray_l
     that died at step 3 and is started again with other values resumes from its step-2 checkpoint."""
     from pipeline import graph
 
-    base = [*FAST, "distill.num_steps=4", "distill.checkpoint_every=2"]
+    base = [*FAST, "distill.num_steps=4", "distill.checkpoint_every_steps=2"]
     first = base + ["distill.max_failures=0"]
-    second = base + ["distill.max_failures=2", "distill.log_every=2", "distill.sample_every=4",
+    second = base + ["distill.max_failures=2", "distill.log_every_steps=2", "distill.sample_every_steps=4",
                      "distill.sample_num_prompts=2", "distill.num_checkpoints_to_keep=3"]
     spec = next(s for s in stages.default_stages() if s.name == "distill")
     fingerprints = [graph.fingerprint(spec, load_config(overrides=o), {"cache": "c", "teacher": "t"})
@@ -194,8 +197,8 @@ def test_changing_an_operational_key_resumes_the_interrupted_run(tmp_path, ray_l
     changed = graph.fingerprint(spec, load_config(overrides=base + ["distill.lr=2e-3"]), {"cache": "c", "teacher": "t"})
     assert changed != fingerprints[0]  # a key that changes the result still counts
     with pytest.raises(RuntimeError, match=r"test hook: failing at step 3"):
-        run_stage(stage_context(tmp_path, inputs, first, fingerprint=fingerprints[0]), hooks={"fail_at_step": 3})
-    ctx = run_stage(stage_context(tmp_path, inputs, second, fingerprint=fingerprints[1]))
+        run_stage(distill_context(tmp_path, inputs, first, fingerprint=fingerprints[0]), hooks={"fail_at_step": 3})
+    ctx = run_stage(distill_context(tmp_path, inputs, second, fingerprint=fingerprints[1]))
     summary = json.loads((ctx.output_dir / distill.SUMMARY_FILE).read_text())
     assert summary["steps"] == 4 and summary["attempts"] == 2  # the second attempt, from the checkpoint
     assert [int(m.step) for m in history(ctx, "progress")] == [4]  # log_every=2 after resuming at step 2
@@ -203,7 +206,7 @@ def test_changing_an_operational_key_resumes_the_interrupted_run(tmp_path, ray_l
 
 def test_a_worker_failure_names_its_cause_in_the_stage_error(tmp_path, ray_local, inputs):
     """Ray Train's own message is a truncated traceback snippet; the stage's error names the exception."""
-    ctx = stage_context(tmp_path, inputs, [*FAST, "distill.num_steps=3", "distill.max_failures=0"])
+    ctx = distill_context(tmp_path, inputs, [*FAST, "distill.num_steps=3", "distill.max_failures=0"])
     with pytest.raises(RuntimeError, match=r"distill: a training worker failed \(after 0 restart\(s\) allowed by "
                                            r"distill.max_failures\): RuntimeError: test hook: failing at step 1 "
                                            r"\(rank 0\)"):
@@ -211,7 +214,7 @@ def test_a_worker_failure_names_its_cause_in_the_stage_error(tmp_path, ray_local
 
 
 def test_a_cache_made_with_other_text_settings_is_refused(tmp_path, inputs):
-    ctx = stage_context(tmp_path, inputs, ["teacher.max_sequence_length=5"])
+    ctx = distill_context(tmp_path, inputs, ["teacher.max_sequence_length=5"])
     with pytest.raises(ValueError, match=r"teacher.max_sequence_length: the cache has 0, this config's teacher gives 5;"
                                          r" re-run the cache stage"):
         distill.run(ctx)
@@ -219,7 +222,7 @@ def test_a_cache_made_with_other_text_settings_is_refused(tmp_path, inputs):
     other = tmp_path / "other-cache"
     other.mkdir()
     (other / "cache.json").write_text(json.dumps({**manifest, "text": {**manifest["text"], "encoder_digest": "x"}}))
-    ctx = stage_context(tmp_path, {**inputs, "cache": other}, [])
+    ctx = distill_context(tmp_path, {**inputs, "cache": other}, [])
     with pytest.raises(ValueError, match=r"teacher.pretrained \(its text encoder / tokenizer / VAE files\): the cache "
                                          r"has 'x'"):
         distill.run(ctx)
@@ -229,7 +232,7 @@ def test_sigkilled_worker_resumes_from_the_last_checkpoint(tmp_path, ray_local, 
     """ZeRO-2, 2 workers: rank 1 is SIGKILLed after step 3; Ray Train restarts the group from the step-2
     checkpoint; the run ends at exactly num_steps and MLflow holds every step once."""
     pid_dir = tmp_path / "pids"
-    ctx = stage_context(tmp_path, inputs, [*FAST, *TWO_WORKERS, "distill.zero_stage=2", "distill.num_steps=6",
+    ctx = distill_context(tmp_path, inputs, [*FAST, *TWO_WORKERS, "distill.zero_stage=2", "distill.num_steps=6",
                                            "distill.max_failures=1"])
     killed: list[int] = []
     # Ray Train's controller registers a reported checkpoint when it next polls the workers (every 2 s):
@@ -257,7 +260,7 @@ def test_sigkilled_worker_resumes_from_the_last_checkpoint(tmp_path, ray_local, 
     summary = json.loads((ctx.output_dir / distill.SUMMARY_FILE).read_text())
     assert summary["steps"] == 6
     assert summary["attempts"] == 2  # the second attempt restored a checkpoint (a fresh start would say 1)
-    steps = [m.step for m in history(ctx, distill.PROGRESS_METRIC)]
+    steps = [m.step for m in history(ctx, PROGRESS_METRIC)]
     assert sorted(steps) == [1, 2, 3, 4, 5, 6]
     for key in all_metric_keys(ctx):
         logged = [m.step for m in history(ctx, key)]
@@ -278,14 +281,14 @@ def resumed(tmp_path_factory, ray_local, inputs):
     overrides = [*FAST, "swd.loss.mode=mmd_only", "distill.num_steps=8", "distill.max_nonfinite_steps=2",
                  f"distill.init_student={champion.parent}"]
     dumps = root / "dumps"
-    first = stage_context(root, inputs, overrides, fingerprint="resume")
+    first = distill_context(root, inputs, overrides, fingerprint="resume")
     with pytest.raises(RuntimeError) as stopped:
         run_stage(first, {"nan_at_steps": [3, 5, 6], "dump_dir": str(dumps)})
     kept = checkpoints(first)
     os.replace(dumps / "init_student.safetensors", dumps / "first_init_student.safetensors")
-    second = run_stage(stage_context(root, inputs, overrides, fingerprint="resume"), {"dump_dir": str(dumps)})
+    second = run_stage(distill_context(root, inputs, overrides, fingerprint="resume"), {"dump_dir": str(dumps)})
     return {"first": first, "second": second, "kept": kept, "dumps": dumps, "error": str(stopped.value),
-            "adapter": champion / distill.LORA_WEIGHTS}
+            "adapter": champion / LORA_WEIGHTS}
 
 
 def test_nonfinite_losses_are_skipped_counted_and_stop_the_run(resumed):
@@ -309,8 +312,8 @@ def test_resume_continues_at_the_checkpointed_step_with_equal_weights(resumed):
     for name in saved:
         torch.testing.assert_close(loaded[name], saved[name], rtol=0, atol=0)
     first, second = resumed["first"], resumed["second"]
-    assert sorted(m.step for m in history(first, distill.PROGRESS_METRIC)) == [1, 2, 3, 4, 5, 6]
-    assert sorted(m.step for m in history(second, distill.PROGRESS_METRIC)) == [5, 6, 7, 8]  # what it trained
+    assert sorted(m.step for m in history(first, PROGRESS_METRIC)) == [1, 2, 3, 4, 5, 6]
+    assert sorted(m.step for m in history(second, PROGRESS_METRIC)) == [5, 6, 7, 8]  # what it trained
     summary = json.loads((second.output_dir / distill.SUMMARY_FILE).read_text())
     assert summary["steps"] == 8 and summary["mode"] == "mmd_only"
     # The counters are part of the checkpoint: step 3's skip is in it, the stopped attempt's 5 and 6 are not.
@@ -323,10 +326,10 @@ def test_resume_continues_at_the_checkpointed_step_with_equal_weights(resumed):
 # ----------------------------------------------------------------------------- export
 
 
-def test_export_generates_with_stock_diffusers(resumed, bundle):
+def test_export_generates_with_stock_diffusers(resumed, tiny_bundle):
     from pipeline.teacher import load_bundle
 
-    pipe = load_bundle(bundle).pipeline  # a stock StableDiffusion3Pipeline (from_pretrained)
+    pipe = load_bundle(tiny_bundle).pipeline  # a stock StableDiffusion3Pipeline (from_pretrained)
     latents = check_export_in_stock_diffusers(pipe, resumed["second"].output_dir,
                                               ["a red circle in the top left on a black background"] * 2,
                                               max_sequence_length=0)
@@ -339,7 +342,8 @@ def test_export_generates_with_stock_diffusers(resumed, bundle):
 def lora_export(directory: Path, lora_rank: int = 4, seed: int = 1) -> Path:
     """A student LoRA exported with `save_student` from the tiny transformer, B random (non-zero)."""
     from pipeline.swd.config import StudentConfig
-    from pipeline.swd.networks import build_student, save_student
+    from pipeline.student_export import save_student
+    from pipeline.swd.networks import build_student
 
     student, _ = build_student(tiny.build_transformer(), StudentConfig(lora_rank=lora_rank, lora_alpha=lora_rank))
     g = torch.Generator().manual_seed(seed)
@@ -387,10 +391,11 @@ def test_init_student_errors_name_the_key_before_any_ray_work(tmp_path, capsys):
 
 def test_load_student_lora_sets_the_exported_weights_and_refuses_another_rank(tmp_path):
     from pipeline.swd.config import StudentConfig
-    from pipeline.swd.networks import build_student, load_student_lora, student_lora_state_dict
+    from pipeline.student_export import load_student_lora
+    from pipeline.swd.networks import build_student, student_lora_state_dict
 
-    path = lora_export(tmp_path / "student") / distill.LORA_WEIGHTS
-    assert distill.init_student_adapter(str(tmp_path)) == path.resolve()  # D/student/ of a distill output
+    path = lora_export(tmp_path / "student") / LORA_WEIGHTS
+    assert init_student_adapter(str(tmp_path)) == path.resolve()  # D/student/ of a distill output
     source = {k.removeprefix("transformer."): v for k, v in load_safetensors(path).items()}
     student, _ = build_student(tiny.build_transformer(seed=3), StudentConfig(lora_rank=4, lora_alpha=4))
     assert load_student_lora(student, path) == len(source) > 0
@@ -415,9 +420,9 @@ def test_init_student_content_joins_the_fingerprint(tmp_path):
 
     warm = fp(f"distill.init_student={tmp_path / 'a'}")
     assert warm == fp(f"distill.init_student={tmp_path / 'a'}") != fp()
-    (tmp_path / "a" / distill.LORA_WEIGHTS).unlink()
+    (tmp_path / "a" / LORA_WEIGHTS).unlink()
     lora_export(tmp_path / "b", seed=2)
-    os.replace(tmp_path / "b" / distill.LORA_WEIGHTS, tmp_path / "a" / distill.LORA_WEIGHTS)  # a new champion
+    os.replace(tmp_path / "b" / LORA_WEIGHTS, tmp_path / "a" / LORA_WEIGHTS)  # a new champion
     assert fp(f"distill.init_student={tmp_path / 'a'}") != warm
 
 

@@ -1,5 +1,6 @@
 """The `evaluate` stage on a tiny random teacher: every canonical metric and artifact, generation that
-depends only on prompts and seeds (not on Ray's batching), the student loader, and bad input."""
+depends only on prompts and seeds (not on Ray's batching), the student export as the generators load
+it, and bad input."""
 
 from __future__ import annotations
 
@@ -12,41 +13,33 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import metrics, shapes, tiny
-from pipeline.context import StageContext
-from pipeline.swd.config import StudentConfig, SwdConfig
+from helpers.context import stage_context
 from helpers.exports import ALL, TINY_SIGMAS, make_shards_output, make_student_export, make_teacher_output
+from pipeline import metrics, shapes
+from pipeline.eval_record import CANONICAL_METRICS, METRICS_FILE
+from pipeline.generate import Generator, GeneratorSpec
+from pipeline.resources import ResourceError
+from pipeline.student_export import LORA_WEIGHTS, SCHEDULE_FILE, STUDENT_DIR, ExportError, load_student, read_schedule
+from pipeline.teacher import TeacherSampler
 from stages import evaluate
+from stages.evaluate import eval_set, generation
 from stages.teacher import Config as TeacherConfig
+from test_metrics import tiny_clip, tiny_inception
 
 
-
-# ----------------------------------------------------------------------------- tiny inputs (also used by test_register)
-
-
-def context(tmp: Path, cfg: evaluate.Config, inputs: dict, uri: str | None = None) -> StageContext:
-    uri = uri or f"sqlite:///{tmp / 'mlflow.db'}"
-    client = mlflow.MlflowClient(uri)
-    exp = client.get_experiment_by_name("evaluate-test")
-    exp_id = exp.experiment_id if exp else client.create_experiment("evaluate-test",
-                                                                   artifact_location=(tmp / "artifacts").as_uri())
-    for d in ("out", "scratch", "shared"):
-        (tmp / d).mkdir(parents=True, exist_ok=True)
-    return StageContext(name="evaluate", config=cfg, sections={"evaluate": cfg, "teacher": TeacherConfig()},
-                        inputs=inputs, output_dir=tmp / "out", scratch_dir=tmp / "scratch", shared_dir=tmp / "shared",
-                        tracking_uri=uri, run_id=client.create_run(exp_id).info.run_id, fingerprint="test")
+def context(root: Path, cfg: evaluate.Config, inputs: dict, teacher: TeacherConfig | None = None):
+    return stage_context("evaluate", {"evaluate": cfg, "teacher": teacher or TeacherConfig()}, root, inputs)
 
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory) -> dict[str, Path]:
-    from test_samples import random_tar
-
     root = tmp_path_factory.mktemp("evaluate-inputs")
     teacher = make_teacher_output(root)
     bundle = root / "bundle"
     shards = make_shards_output(root / "shards", 8)
-    # a tar of random bytes listed first: counted and reported (FAST allows it), not fatal
-    random_tar(shards / "eval" / "eval-junk.tar")
+    # a "tar" of random bytes listed first: counted and reported (FAST allows it), not fatal
+    junk = np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes()
+    (shards / "eval" / "eval-junk.tar").write_bytes(junk)
     listing = json.loads((shards / "shards.json").read_text())
     listing["eval"].insert(0, {"url": "eval/eval-junk.tar"})
     (shards / "shards.json").write_text(json.dumps(listing))
@@ -61,8 +54,6 @@ FAST = dict(max_prompts=6, batch_size=3, latency_warmup_batches=1, latency_repea
 
 @pytest.fixture(scope="module")
 def evaluated(tmp_path_factory, inputs, ray_local):
-    from test_metrics import tiny_clip, tiny_inception
-
     tmp = tmp_path_factory.mktemp("evaluate-run")
     cfg = evaluate.Config(**FAST, clip_model=str(tiny_clip(tmp / "clip")),
                           inception_weights=str(tiny_inception(tmp / "inception.pt")))
@@ -72,9 +63,9 @@ def evaluated(tmp_path_factory, inputs, ray_local):
 
 
 def test_every_canonical_metric_is_logged_and_mirrored(evaluated):
-    record = json.loads((evaluated.output_dir / evaluate.METRICS_FILE).read_text())
+    record = json.loads((evaluated.output_dir / METRICS_FILE).read_text())
     values = record["metrics"]
-    assert set(evaluate.CANONICAL_METRICS) <= set(values)
+    assert set(CANONICAL_METRICS) <= set(values)
     assert all(math.isfinite(v) for v in values.values())
     assert values["speedup_vs_teacher"] == pytest.approx(values["teacher_latency_s"] / values["student_latency_s"])
     assert values["speedup_vs_baseline"] == pytest.approx(values["baseline_latency_s"] / values["student_latency_s"])
@@ -88,18 +79,17 @@ def test_every_canonical_metric_is_logged_and_mirrored(evaluated):
     assert record["generators"]["student"]["scales"] == [8, 10, 12, 16]
     # MLflow: every metric on the stage's run, the artifacts, the canonical ones for the parent run.
     run = mlflow.MlflowClient(evaluated.tracking_uri).get_run(evaluated.run_id)
-    assert set(evaluate.CANONICAL_METRICS) <= set(run.data.metrics)
+    assert set(CANONICAL_METRICS) <= set(run.data.metrics)
     assert run.data.tags["fd_extractor"] == "efficientnet_lite0"
     assert run.data.tags["eval_set_fingerprint"] == record["eval_set"]["fingerprint"]
-    logged = {a.path for a in mlflow.MlflowClient(evaluated.tracking_uri).list_artifacts(evaluated.run_id)}
-    assert logged >= set(evaluate.OUTPUTS)
-    assert evaluated.summary["parent_metrics"] == {k: values[k] for k in evaluate.CANONICAL_METRICS}
+    assert not mlflow.MlflowClient(evaluated.tracking_uri).list_artifacts(evaluated.run_id)  # the graph logs OUTPUTS
+    assert evaluated.summary["parent_metrics"] == {k: values[k] for k in CANONICAL_METRICS}
 
 
 def test_a_bad_eval_shard_is_counted_and_reported_not_fatal(evaluated):
     """The inputs list a tar of random bytes before the good eval shard: one corrupt_tar reject (1 of
     9 samples read, under evaluate.max_bad_fraction=0.2) in metrics.json, MLflow and the summary."""
-    record = json.loads((evaluated.output_dir / evaluate.METRICS_FILE).read_text())
+    record = json.loads((evaluated.output_dir / METRICS_FILE).read_text())
     reads = record["reads"]
     junk = str(evaluated.inputs["shards"] / "eval" / "eval-junk.tar")
     assert reads["shards_read"] == 2 and reads["rejects_by_reason"] == {"corrupt_tar": 1}
@@ -139,16 +129,16 @@ def test_generation_depends_on_prompts_and_seeds_only(inputs, ray_local):
     from pipeline.teacher import bundle_location
 
     prompts = [shapes.make_sample(0, "eval", i, 64, *ALL)["txt"] for i in range(5)]
-    chunks = evaluate.make_chunks(prompts, 2, seed=7)
+    chunks = eval_set.make_chunks(prompts, 2, seed=7)
     assert [c["index"] for c in chunks] == [[0, 1], [2, 3], [4]]
-    spec = evaluate.GeneratorSpec(name="student", location=bundle_location(inputs["teacher"]), dtype="float32",
+    spec = GeneratorSpec(name="student", location=bundle_location(inputs["teacher"]), dtype="float32",
                                   device="cpu", load_t5="auto", local_files_only=True, student_dir=str(inputs["distill"]))
     cfg = evaluate.Config(num_actors=2, num_cpus_per_actor=1)
-    teacher = evaluate.GeneratorSpec(**{**spec.__dict__, "name": "teacher", "student_dir": None,
+    teacher = GeneratorSpec(**{**spec.__dict__, "name": "teacher", "student_dir": None,
                                         "teacher_num_steps": 3, "guidance_scale": 2.0, "latent_side": 16})
-    via_ray = evaluate.collect_images(evaluate.generate(chunks, [spec, teacher], cfg, gpus=0), ["student", "teacher"])
+    via_ray = generation.collect_images(generation.generate(chunks, [spec, teacher], cfg, gpus=0), ["student", "teacher"])
     for s in (spec, teacher):
-        direct = evaluate.Generator(s)  # its own bundle, not shared
+        direct = Generator(s)  # its own bundle, not shared
         expected = np.concatenate([direct(c["prompt"], c["seed"]) for c in chunks])
         assert via_ray[s.name].shape == (5, 64, 64, 3) and via_ray[s.name].dtype == np.uint8
         # Equal up to float summation order (actors run 1 torch thread, this process more): a rare
@@ -161,12 +151,12 @@ def test_lora_export_is_loaded_fused_and_equals_stock_diffusers_lora(inputs):
     from pipeline.teacher import bundle_location, load_bundle
 
     bundle = load_bundle(bundle_location(inputs["teacher"]))
-    transformer, schedule = evaluate.load_student(inputs["distill"], bundle)
+    transformer, schedule = load_student(inputs["distill"], bundle)
     assert schedule == {"scales": [8, 10, 12, 16], "sigmas": TINY_SIGMAS}
     assert not any("lora" in n for n, _ in transformer.named_parameters())  # fused, LoRA layers removed
     # Reference: stock diffusers loading of the export, LoRA kept as separate layers (not fused).
     reference = load_bundle(bundle_location(inputs["teacher"])).transformer
-    reference.load_lora_adapter(str(inputs["distill"] / evaluate.STUDENT_DIR), weight_name=evaluate.LORA_WEIGHTS,
+    reference.load_lora_adapter(str(inputs["distill"] / STUDENT_DIR), weight_name=LORA_WEIGHTS,
                                 prefix="transformer")
     assert any("lora" in n for n, _ in reference.named_parameters())
     x = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
@@ -185,20 +175,20 @@ def test_full_transformer_export_and_broken_exports(inputs, tmp_path):
 
     location = bundle_location(inputs["teacher"])
     full = make_student_export(tmp_path / "full", Path(location), [8, 16], full=True)
-    json.loads((full / evaluate.SCHEDULE_FILE).read_text())
-    (full / evaluate.SCHEDULE_FILE).write_text(json.dumps({"scales": [8, 16], "sigmas": [1.0, 0.7, 0.0]}))
-    transformer, schedule = evaluate.load_student(full, load_bundle(location))
+    json.loads((full / SCHEDULE_FILE).read_text())
+    (full / SCHEDULE_FILE).write_text(json.dumps({"scales": [8, 16], "sigmas": [1.0, 0.7, 0.0]}))
+    transformer, schedule = load_student(full, load_bundle(location))
     assert schedule["scales"] == [8, 16] and type(transformer).__name__ == "SD3Transformer2DModel"
 
-    (tmp_path / "empty" / evaluate.STUDENT_DIR).mkdir(parents=True)
-    (tmp_path / "empty" / evaluate.SCHEDULE_FILE).write_text(json.dumps({"scales": [8], "sigmas": [1.0, 0.0]}))
-    with pytest.raises(evaluate.EvaluateError, match=r"holds neither a LoRA export \(pytorch_lora_weights"):
-        evaluate.load_student(tmp_path / "empty", load_bundle(location))
-    with pytest.raises(evaluate.EvaluateError, match=r"schedule\.json is missing"):
-        evaluate.read_schedule(tmp_path)
-    (tmp_path / evaluate.SCHEDULE_FILE).write_text(json.dumps({"scales": [8, 16], "sigmas": [1.0, 0.0]}))
-    with pytest.raises(evaluate.EvaluateError, match=r"expected scales \(N latent sides\) and sigmas \(N \+ 1"):
-        evaluate.read_schedule(tmp_path)
+    (tmp_path / "empty" / STUDENT_DIR).mkdir(parents=True)
+    (tmp_path / "empty" / SCHEDULE_FILE).write_text(json.dumps({"scales": [8], "sigmas": [1.0, 0.0]}))
+    with pytest.raises(ExportError, match=r"holds neither a LoRA export \(pytorch_lora_weights"):
+        load_student(tmp_path / "empty", load_bundle(location))
+    with pytest.raises(ExportError, match=r"schedule\.json is missing"):
+        read_schedule(tmp_path)
+    (tmp_path / SCHEDULE_FILE).write_text(json.dumps({"scales": [8, 16], "sigmas": [1.0, 0.0]}))
+    with pytest.raises(ExportError, match=r"expected scales \(N latent sides\) and sigmas \(N \+ 1"):
+        read_schedule(tmp_path)
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -238,14 +228,44 @@ def test_optional_metric_with_a_missing_path_is_skipped_with_a_warning(tmp_path)
 
 def test_adherence_needs_the_shapes_grammar_or_attributes(tmp_path):
     prompts = ["a photo of a cat", "a large red circle in the top on a black background"]
-    samples, _ = evaluate.read_eval_samples(
+    samples, _ = eval_set.read_eval_samples(
         [str(make_shards_output(tmp_path / "s", 2, prompts) / "eval" / "eval-000000.tar")], None)
     with pytest.warns(UserWarning, match=r"1 of 2 eval samples .*'eval-0000000'.* adherence metrics skipped"):
-        assert evaluate.adherence_targets(samples, "auto") is None
+        assert eval_set.adherence_targets(samples, "auto") is None
     with pytest.raises(evaluate.EvaluateError, match=r"evaluate\.adherence 'on': 1 of 2 eval samples"):
-        evaluate.adherence_targets(samples, "on")
-    assert evaluate.adherence_targets(samples, "off") is None
-    assert evaluate.adherence_targets(samples[1:], "on")[0].colour == "red"
+        eval_set.adherence_targets(samples, "on")
+    assert eval_set.adherence_targets(samples, "off") is None
+    assert eval_set.adherence_targets(samples[1:], "on")[0].colour == "red"
+
+
+def test_float16_on_cpu_actors_fails_before_any_work(tmp_path, inputs):
+    ctx = context(tmp_path, evaluate.Config(max_prompts=6, max_bad_fraction=0.2, num_gpus_per_actor=0), inputs,
+                  teacher=TeacherConfig(dtype="float16"))
+    with pytest.raises(ResourceError, match=r"teacher\.dtype 'float16': the evaluate actors run on the CPU here .*"
+                                            r"evaluate\.num_gpus_per_actor=0"):
+        evaluate.run(ctx)
+
+
+def test_the_teacher_sampler_block_keeps_the_fingerprint_of_the_former_keys():
+    """`teacher_sampler` replaced `teacher_num_steps` / `teacher_guidance_scale`: the fingerprint still
+    sees the former keys, so committed evaluate outputs stay reusable."""
+    import hashlib
+
+    from pydantic import ValidationError
+
+    from pipeline.graph import section_fingerprint
+
+    cfg = evaluate.Config(teacher_sampler={"num_steps": 5, "guidance_scale": 2.0})
+    assert cfg.teacher_sampler == TeacherSampler(num_steps=5, guidance_scale=2.0)
+    assert evaluate.Config().teacher_sampler == TeacherSampler(num_steps=28, guidance_scale=3.0)
+    dump = section_fingerprint(cfg)
+    assert "teacher_sampler" not in dump and (dump["teacher_num_steps"], dump["teacher_guidance_scale"]) == (5, 2.0)
+    assert "num_actors" not in dump and "num_cpus_per_actor" not in dump
+    # The default's section digest as it was before the block (stages/evaluate.py at c6f28d2).
+    digest = hashlib.sha256(json.dumps(section_fingerprint(evaluate.Config()), sort_keys=True).encode()).hexdigest()
+    assert digest[:16] == "e4e80ffd092c45cc"
+    with pytest.raises(ValidationError, match=r"teacher_num_steps"):
+        evaluate.Config(teacher_num_steps=5)
 
 
 def test_config_validation():

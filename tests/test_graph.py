@@ -48,6 +48,18 @@ def test_rerun_is_a_noop(workdir, toy_env):
     assert manifest["fingerprint"] == planned[1].fingerprint and manifest["summary"] == {"chars": 2}
 
 
+def test_the_graph_logs_every_declared_output_on_the_stage_run(workdir, toy_env):
+    import mlflow
+
+    rc, _, planned = run_toy(workdir, toy_env)
+    assert rc == 0
+    client = mlflow.MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+    for p in planned:
+        run_id = graph.read_manifest(p.output_dir)["run_id"]
+        # the declared output, not the scratch file the stage also wrote
+        assert [a.path for a in client.list_artifacts(run_id)] == ["out.txt"], p.name
+
+
 def test_config_change_reruns_that_stage_and_downstream_only(workdir, toy_env):
     run_toy(workdir, toy_env)
     _, ran, _ = run_toy(workdir, toy_env, "tracking.experiment=other")  # b's section

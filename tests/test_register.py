@@ -13,7 +13,10 @@ import pandas as pd
 import pytest
 
 from pipeline.context import StageContext
-from stages import evaluate, register
+from helpers.context import stage_context
+from pipeline.eval_record import METRICS_FILE
+from pipeline.generate import Generator, GeneratorSpec
+from stages import register
 from stages.teacher import Config as TeacherConfig
 from helpers.exports import make_student_export, make_teacher_output
 
@@ -32,21 +35,15 @@ def evaluation(root: Path, student_fd: float, fingerprint: str = "evalset-a") ->
     root.mkdir(parents=True)
     metrics = {"student_fd": student_fd, "teacher_fd": 10.0, "student_adherence": 0.8, "teacher_adherence": 0.9,
                "student_latency_s": 0.01, "teacher_latency_s": 0.2, "speedup_vs_teacher": 20.0}
-    (root / evaluate.METRICS_FILE).write_text(json.dumps({"metrics": metrics, "eval_set": {"fingerprint": fingerprint}}))
+    (root / METRICS_FILE).write_text(json.dumps({"metrics": metrics, "eval_set": {"fingerprint": fingerprint}}))
     return root
 
 
 def register_once(tmp: Path, uri: str, inputs: dict, cfg: register.Config, student_fd: float,
                   fingerprint: str = "evalset-a") -> StageContext:
-    client = mlflow.MlflowClient(uri)
-    exp = client.get_experiment_by_name("register-test")
-    exp_id = exp.experiment_id if exp else client.create_experiment("register-test")
-    for d in ("out", "scratch", "shared"):
-        (tmp / d).mkdir(parents=True)
-    ctx = StageContext(name="register", config=cfg, sections={"register": cfg, "teacher": TeacherConfig()},
-                       inputs={**inputs, "evaluate": evaluation(tmp / "evaluate", student_fd, fingerprint)},
-                       output_dir=tmp / "out", scratch_dir=tmp / "scratch", shared_dir=tmp / "shared",
-                       tracking_uri=uri, run_id=client.create_run(exp_id).info.run_id, fingerprint="test")
+    ctx = stage_context("register", {"register": cfg, "teacher": TeacherConfig()}, tmp, uri=uri,
+                        inputs={**inputs, "evaluate": evaluation(tmp / "evaluate", student_fd, fingerprint)},
+                        experiment="register-test")
     register.run(ctx)
     return ctx
 
@@ -88,7 +85,7 @@ def test_promotion_first_better_worse_and_the_pyfunc_model(tmp_path, mlflow_serv
     images = model.predict(pd.DataFrame({"prompt": PROMPTS}), params={"seed": 3})
     assert images.shape == (2, 64, 64, 3) and images.dtype == np.uint8
     assert model.predict(pd.DataFrame({"prompt": PROMPTS[:1]})).shape == (1, 64, 64, 3)  # seed defaults to 0
-    direct = evaluate.Generator(evaluate.GeneratorSpec(
+    direct = Generator(GeneratorSpec(
         name="student", location=json.loads((inputs["teacher"] / "teacher.json").read_text())["location"],
         dtype="float32", device="cpu", load_t5="auto", local_files_only=True, num_threads=None,
         student_dir=str(inputs["distill"])))

@@ -13,10 +13,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from helpers.shards import good_shard, image_bytes, write_tar
 from pipeline import samples
-from stages import cache, evaluate, synthesize
-from stages import teacher as teacher_stage
-from test_cache import image_bytes, write_tar
+from pipeline.teacher_training import read_samples as teacher_read_samples
+from stages import evaluate, synthesize
+from stages.cache.encoder import image_tensor
+from stages.cache.rounds import read_shard
 
 # ----------------------------------------------------------------------------- tricky-sample builders
 
@@ -123,7 +125,7 @@ def test_bad_fraction_counts_an_unreadable_shard_as_an_average_shard():
 
 
 def _teacher_read(urls: list[str], side: int, **kw):
-    out = teacher_stage._read_shards(urls, side, **kw)
+    out = teacher_read_samples(urls, side, **kw)
     return out[0], out[3]  # images, what was read
 
 
@@ -132,9 +134,9 @@ def test_an_exif_rotated_jpeg_decodes_upright_the_same_in_every_stage(tmp_path):
     expected = upright_square(jpeg)  # 64 x 64: no reader resizes it
     shard = write_tar(tmp_path / "exif.tar", [(f"{DOTTED}000001.jpg", jpeg), (f"{DOTTED}000001.txt", b"a red circle")])
 
-    got = {"cache": ((cache.image_tensor(jpeg)[0].permute(1, 2, 0).numpy() + 1) * 127.5).round().astype(np.uint8),
+    got = {"cache": ((image_tensor(jpeg)[0].permute(1, 2, 0).numpy() + 1) * 127.5).round().astype(np.uint8),
            "evaluate": evaluate.decode_reference(jpeg, 64),
-           "teacher": teacher_stage._read_shards([str(shard)], 64)[0][0].permute(1, 2, 0).numpy()}
+           "teacher": teacher_read_samples([str(shard)], 64)[0][0].permute(1, 2, 0).numpy()}
     synthesize.save_sample_grid(tmp_path / "grid.png", [synthesize.PlannedShard(shard, "s", [])])
     got["synthesize"] = np.asarray(Image.open(tmp_path / "grid.png").convert("RGB"))
     for stage, image in got.items():
@@ -145,7 +147,7 @@ def test_dots_in_directory_names_give_the_same_key_in_every_stage(tmp_path):
     images = tricky_image_shard(tmp_path / "images.tar")
     prompts = tricky_prompt_shard(tmp_path / "prompts.tar")
 
-    cached = [r["key"] for rows, _ in cache.read_shard(str(images), "k") for r in rows]
+    cached = [r["key"] for rows, _ in read_shard(str(images), "k") for r in rows]
     evaluated = [s["key"] for s in evaluate.read_eval_samples([str(images)], None, max_bad_fraction=1.0)[0]]
     trained = [s["key"] for s in _teacher_read([str(images)], 64, max_bad_fraction=1.0)[1].samples]
     assert synthesize.shard_kind(str(prompts)) == ("prompts", [])
@@ -162,7 +164,7 @@ def test_a_non_utf8_caption_is_the_same_counted_reject_in_every_stage(tmp_path):
     def judged(rejects: list[dict]) -> dict[str, str]:
         return {e["key"]: e["reason"] for e in rejects}
 
-    cached = judged([e for _, rejects in cache.read_shard(images, "k") for e in rejects])
+    cached = judged([e for _, rejects in read_shard(images, "k") for e in rejects])
     kept, reads = evaluate.read_eval_samples([images], None, max_bad_fraction=1.0)
     evaluated = judged(reads.rejects)
     assert [s["prompt"] for s in kept] == ["a red circle", "a blue square"]
@@ -180,15 +182,13 @@ def test_a_non_utf8_caption_is_the_same_counted_reject_in_every_stage(tmp_path):
         evaluate.read_eval_samples([images], None)
     with pytest.raises(ValueError, match=r"teacher: 33\.33% of the train samples are bad, more than the allowed "
                                          r"0\.01 .*images\.tar \(1 rejected"):
-        teacher_stage._read_shards([images], 64)
+        teacher_read_samples([images], 64)
 
 
 def test_a_random_bytes_shard_and_a_vanished_one_are_the_same_rejects_in_every_stage(tmp_path):
     """Among good shards: a tar of random bytes is one `corrupt_tar` reject (as the cache has always
     counted it), a shard that cannot be opened one `unreadable_shard` (weighing as an average shard);
     no reader raises while the fraction allows them."""
-    from test_cache import good_shard
-
     bad, gone = str(random_tar(tmp_path / "random.tar")), str(tmp_path / "vanished.tar")
     good = [str(good_shard(tmp_path / f"good-{i}.tar", f"g{i}", 3, seed=10 * i)) for i in range(3)]
     expected = {bad: [(f"{bad}@0", "corrupt_tar")], gone: [(gone, "unreadable_shard")]}
@@ -196,7 +196,7 @@ def test_a_random_bytes_shard_and_a_vanished_one_are_the_same_rejects_in_every_s
         def judged(rejects: list[dict]) -> list[tuple[str, str]]:
             return [(e["key"], e["reason"]) for e in rejects if e["url"] == url]
 
-        got = {"cache": judged([e for _, rejects in cache.read_shard(url, "k") for e in rejects])}
+        got = {"cache": judged([e for _, rejects in read_shard(url, "k") for e in rejects])}
         kept, reads = evaluate.read_eval_samples([url, *good], None, max_bad_fraction=0.25)
         assert len(kept) == 9
         got["evaluate"] = judged(reads.rejects)

@@ -232,7 +232,7 @@ def champion_model(root: Path) -> Path:
 
 
 def test_warm_start_is_recorded(env):
-    from stages.distill import init_student_adapter
+    from pipeline.student_export import init_student_adapter
 
     assert run_slot(env, "d1") == 0
     (parent,) = [r for r in runs_of_slot(env, "d1") if r.data.tags.get("pipeline.kind") == "pipeline"]

@@ -8,14 +8,16 @@ import json
 
 import mlflow
 
+from helpers.context import pretrained_teacher_stages
+from helpers.shards import good_shard
 from pipeline import graph, schedule
-from stages import load_config
 from pipeline.run import run_stages
-from test_cache import FAST, bundle, good_shard  # noqa: F401  (bundle: the tiny SD3 bundle fixture)
-from test_cache import stages as pretrained_teacher_stages
+from stages import load_config
+
+FAST = ["cache.batch_size=8", "cache.decode_batch_size=8"]
 
 
-def test_a_scheduled_run_encodes_only_the_shards_added_since_the_last_success(tmp_path, ray_local, bundle):
+def test_a_scheduled_run_encodes_only_the_shards_added_since_the_last_success(tmp_path, ray_local, tiny_bundle):
     data = tmp_path / "shards"
     data.mkdir()
     good_shard(data / "train-000.tar", "a", 6, seed=0)
@@ -26,7 +28,7 @@ def test_a_scheduled_run_encodes_only_the_shards_added_since_the_last_success(tm
 
     def run_slot(slot: str) -> int:
         cfg = load_config(overrides=[f"workdir={wd}", f"data.train_shards={data}/train-*.tar",
-                                     f"data.eval_shards={data}/eval-000.tar", f"teacher.pretrained={bundle}",
+                                     f"data.eval_shards={data}/eval-000.tar", f"teacher.pretrained={tiny_bundle}",
                                      "tracking.experiment=sched-cache", *FAST])
         plan = lambda c: graph.plan(c, pretrained_teacher_stages(), only={"shards", "teacher", "cache"})  # noqa: E731
         return schedule.run_scheduled(cfg, slot, uri, [], plan=plan, init_ray=lambda c: None, run_stages=run_stages)

@@ -10,8 +10,8 @@ from torch import nn
 
 from pipeline.bench_models import TEST, build_transformer, random_text_cond
 from pipeline.swd.config import SwdConfig
-from pipeline.swd.networks import (build_networks, frozen, gan_head, save_student, student_lora_state_dict,
-                                   transformer_features)
+from pipeline.student_export import save_student
+from pipeline.swd.networks import build_networks, frozen, gan_head, student_lora_state_dict, transformer_features
 from pipeline.swd.sampler import TextCond, velocity
 
 BATCH = 2

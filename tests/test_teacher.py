@@ -153,13 +153,18 @@ def test_config_errors_name_key_value_and_valid():
                                               r"below the native 16 and a multiple of teacher.patch_size \(2\)"):
         Config(multires_latent_sides=[8, 16, 9])
     assert Config(multires_latent_sides=[], multires_fraction=0.0).multires_latent_sides == []
+    with pytest.raises(ValidationError, match=r"sample_num_steps\n  Extra inputs are not permitted"):
+        Config(sample_num_steps=4)  # now teacher.sampler.num_steps (stages.RENAMED_KEYS names it)
+    with pytest.raises(ValidationError, match=r"sampler.guidance_scale\n  Input should be greater than or equal to 1"):
+        Config(sampler={"guidance_scale": 0.5})
+    assert Config(sampler={"num_steps": 4}).sampler.guidance_scale == 3.0
 
 
 def test_smaller_training_sides_are_area_downsampled_like_the_cache():
     import torch
 
     from pipeline.swd.inputs import area_downsample
-    from stages.teacher import _downsample
+    from pipeline.teacher_training import _downsample
 
     images = torch.randint(0, 256, (3, 3, 64, 64), dtype=torch.uint8)
     small = _downsample(images, 32)
