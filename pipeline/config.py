@@ -35,10 +35,13 @@ class ConfigError(ValueError):
 class Section(BaseModel):
     """The base of every config section: unknown keys are errors, defaults are validated too.
     `NOT_IN_FINGERPRINT` names the keys that change how a stage runs but not what it produces
-    (counts of actors, logging cadence, where checkpoints go); `pipeline.graph` leaves them out."""
+    (counts of actors, logging cadence, where checkpoints go); `pipeline.graph` leaves them out.
+    `FORMER_KEYS` maps a block that replaced flat keys to them ({block: {key in block: former key}}):
+    the fingerprint sees the former keys, so the move changes no fingerprint."""
 
     model_config = ConfigDict(extra="forbid", validate_default=True)
     NOT_IN_FINGERPRINT: ClassVar[tuple[str, ...]] = ()
+    FORMER_KEYS: ClassVar[dict[str, dict[str, str]]] = {}
 
 
 class TrackingConfig(Section):

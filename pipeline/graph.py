@@ -124,6 +124,17 @@ def section_fingerprint(model: BaseModel) -> dict[str, Any]:
     dump = model.model_dump(mode="json")
     for key in getattr(type(model), "NOT_IN_FINGERPRINT", ()):
         dump.pop(key, None)
+    return with_former_keys(model, dump)
+
+
+def with_former_keys(model: BaseModel, dump: dict[str, Any]) -> dict[str, Any]:
+    """A block that replaced flat keys (`Section.FORMER_KEYS`, e.g. `evaluate.teacher_sampler` for
+    `teacher_num_steps` / `teacher_guidance_scale`) feeds the fingerprint under its former keys, so
+    moving keys into a block keeps every fingerprint."""
+    for block, former in getattr(type(model), "FORMER_KEYS", {}).items():
+        if block in dump:
+            values = dump.pop(block)
+            dump.update({old: values[new] for new, old in former.items()})
     return dump
 
 
@@ -133,7 +144,8 @@ def not_in_fingerprint(spec: StageSpec, cfg: BaseModel) -> list[str]:
     out = []
     for name, model in spec.sections(cfg).items():
         kept = section_fingerprint(model)
-        left = [k for k in model.model_dump(mode="json") if k not in kept]
+        left = [k for k in model.model_dump(mode="json")
+                if k not in kept and k not in getattr(type(model), "FORMER_KEYS", {})]
         if len(left) > len(kept):
             out.append(f"{name}.* except {', '.join(kept)}")
         elif left:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from pipeline import shapes
 
-# Component sizes; measured on the 2-core CPU (see stages/teacher.py and assets/README.md).
+# Component sizes; measured on the 2-core CPU (see pipeline/teacher_training.py and assets/README.md).
 PIXEL_SIDE = 64
 LATENT_CHANNELS = 4
 VAE_BLOCK_CHANNELS = (16, 32, 64)  # 3 blocks: 2 downsamplings, 64 -> 16

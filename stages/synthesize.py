@@ -77,6 +77,8 @@ class Config(Section):
     # Keys that change how the stage runs, not what it writes: left out of every fingerprint
     # (pipeline/graph.py), so changing one reuses the committed output.
     NOT_IN_FINGERPRINT: ClassVar[tuple[str, ...]] = ("num_actors", "num_cpus_per_actor")
+    # the sampler's keys were flat keys of this section before the block: fingerprints stay
+    FORMER_KEYS: ClassVar[dict[str, dict[str, str]]] = {"teacher_sampler": {"num_steps": "num_steps", "guidance_scale": "guidance_scale"}}
 
     images_per_prompt: int = Field(1, ge=1)
     # The teacher's sampler for training images (more guidance than for evaluation: sharper targets).

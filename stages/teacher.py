@@ -69,6 +69,7 @@ class Config(TrainingConfig, _Where):
         return {**{k: v for k, v in dump.items() if k not in self.NOT_IN_FINGERPRINT}, "trainer_version": TRAINER_VERSION}
 
     def training(self) -> TrainingConfig:
+        """The training knobs alone, what `pipeline.teacher_training.train` takes."""
         return TrainingConfig.model_validate(self.model_dump(include=set(TrainingConfig.model_fields)))
 
 

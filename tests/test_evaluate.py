@@ -24,7 +24,7 @@ from pipeline.teacher import TeacherSampler
 from stages import evaluate
 from stages.evaluate import eval_set, generation
 from stages.teacher import Config as TeacherConfig
-from test_metrics import tiny_clip, tiny_inception
+from helpers.tiny_metrics import tiny_clip, tiny_inception
 
 
 def context(root: Path, cfg: evaluate.Config, inputs: dict, teacher: TeacherConfig | None = None):

@@ -27,7 +27,7 @@ from stages import default_stages, load_config
 from pipeline.run import run_stages
 from stages import synthesize
 from stages import teacher as teacher_stage
-from stages.evaluate import Generator, GeneratorSpec, decode_png
+from pipeline.generate import Generator, GeneratorSpec, decode_png
 from helpers.shards import good_shard, image_bytes, write_tar
 
 FAST = ["synthesize.teacher_sampler.num_steps=2", "synthesize.batch_size=4", "synthesize.prompts_per_shard=3",

@@ -79,6 +79,8 @@ class Config(Section):
     # Keys that change how the stage runs, not what it writes: left out of every fingerprint
     # (pipeline/graph.py), so changing one reuses the committed output.
     NOT_IN_FINGERPRINT: ClassVar[tuple[str, ...]] = ("num_actors", "num_cpus_per_actor")
+    # the sampler's keys were flat keys of this section before the block: fingerprints stay
+    FORMER_KEYS: ClassVar[dict[str, dict[str, str]]] = {"teacher_sampler": {"num_steps": "teacher_num_steps", "guidance_scale": "teacher_guidance_scale"}}
 
     # Also distil and evaluate the full-resolution few-step baseline (the `distill_baseline` stage:
     # the distill stage with every swd scale set to the largest, same sigmas, losses and steps).
@@ -111,14 +113,6 @@ class Config(Section):
         if v is not None and not v.strip():
             raise ValueError(f"evaluate.{info.field_name}: empty string; give a path (or hub id) or null")
         return v
-
-    def fingerprint_dump(self) -> dict:
-        """What feeds the fingerprint (pipeline/graph.py: section_fingerprint): the dump without
-        NOT_IN_FINGERPRINT, the teacher sampler under its former keys `teacher_num_steps` and
-        `teacher_guidance_scale`, so moving them into `teacher_sampler` keeps every fingerprint."""
-        dump = {k: v for k, v in self.model_dump(mode="json").items() if k not in self.NOT_IN_FINGERPRINT}
-        sampler = dump.pop("teacher_sampler")
-        return {**dump, "teacher_num_steps": sampler["num_steps"], "teacher_guidance_scale": sampler["guidance_scale"]}
 
 
 def external_fingerprint(sections: dict) -> list:
