@@ -91,3 +91,55 @@ def random_text_cond(name_or_config: str | dict, batch_size: int, *, seed: int =
     embeds = torch.randn(batch_size, tokens, config["joint_attention_dim"], generator=g)
     pooled = torch.randn(batch_size, config["pooled_projection_dim"], generator=g)
     return embeds.to(device=device, dtype=dtype), pooled.to(device=device, dtype=dtype)
+
+
+def reduced_depth(name_or_config: str | dict, num_layers: int | None) -> dict:
+    """The config with `num_layers` joint blocks (None: unchanged). Dual-attention blocks keep their
+    indices below the new depth; as in diffusers, the last block is always the context-pre-only one."""
+    config = dict(MODELS[name_or_config] if isinstance(name_or_config, str) else name_or_config)
+    if num_layers is None or num_layers == config["num_layers"]:
+        return config
+    if num_layers < 1:
+        raise ValueError(f"num_layers: {num_layers} must be >= 1")
+    config["num_layers"] = num_layers
+    config["dual_attention_layers"] = [i for i in config.get("dual_attention_layers", ()) if i < num_layers]
+    return config
+
+
+def transformer_flops(name_or_config: str | dict, image_tokens: int, text_tokens: int) -> float:
+    """FLOPs of one SD3/SD3.5 (MMDiT, MMDiT-X) transformer forward for one sample: every per-token
+    matmul at 2 FLOPs per weight per token, plus attention (QK^T and AV: 4 * L^2 * width).
+
+    Per joint block, with width d: image stream q, k, v, out (4d^2) and MLP (8d^2); text stream the
+    same, except the last block (context-pre-only: only q, k, v); joint attention over the image +
+    text sequence; a dual-attention block (MMDiT-X) adds image-only attention (4d^2, 4 N^2 d).
+    Outside the blocks: patch embedding, the text projection and the output projection. Per-sample
+    work (timestep/pooled embeddings, adaLN modulation) and elementwise ops are left out.
+    """
+    c = MODELS[name_or_config] if isinstance(name_or_config, str) else name_or_config
+    d = c["num_attention_heads"] * c["attention_head_dim"]
+    n, t, depth = image_tokens, text_tokens, c["num_layers"]
+    dual = set(c.get("dual_attention_layers", ()))
+    flops = 0.0
+    for i in range(depth):
+        image_params = 12 * d * d + (4 * d * d if i in dual else 0)
+        text_params = 3 * d * d if i == depth - 1 else 12 * d * d
+        flops += 2 * image_params * n + 2 * text_params * t + 4 * (n + t) ** 2 * d
+        if i in dual:
+            flops += 4 * n * n * d
+    patch = c["patch_size"] ** 2
+    flops += 2 * patch * c["in_channels"] * d * n + 2 * c["joint_attention_dim"] * d * t
+    flops += 2 * d * patch * c["out_channels"] * n
+    return flops
+
+
+def image_tokens(name_or_config: str | dict, latent_side: int) -> int:
+    c = MODELS[name_or_config] if isinstance(name_or_config, str) else name_or_config
+    return (latent_side // c["patch_size"]) ** 2
+
+
+def schedule_flops(name_or_config: str | dict, scales, text_tokens: int, full_side: int | None = None) -> float:
+    """FLOP-model cost of one sample of a scale-wise schedule (one forward per scale, no CFG), in
+    full-resolution forwards (`full_side`, default the largest scale)."""
+    full = transformer_flops(name_or_config, image_tokens(name_or_config, full_side or max(scales)), text_tokens)
+    return sum(transformer_flops(name_or_config, image_tokens(name_or_config, s), text_tokens) for s in scales) / full

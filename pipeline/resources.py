@@ -26,6 +26,18 @@ def gpus_per_actor(configured: float | None, wanted: bool = True) -> float:
     return 1.0 if wanted and ray.cluster_resources().get("GPU", 0) > 0 else 0.0
 
 
+def actor_count(configured: int | None, gpus: float) -> int:
+    """`configured` when given; else one actor per `gpus` of the Ray cluster's GPUs (a pool that
+    fills the cluster), and 1 on a CPU-only cluster or for CPU actors."""
+    if configured is not None:
+        return configured
+    if gpus <= 0:
+        return 1
+    import ray
+
+    return max(1, int(ray.cluster_resources().get("GPU", 0) // gpus))
+
+
 def actor_device(gpus: float) -> str:
     return "cuda" if gpus > 0 else "cpu"
 

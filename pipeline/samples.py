@@ -22,7 +22,7 @@ Rules (pure functions):
   fails on too much bad data (naming the bad shards, the key and the fix), or None.
 
 The tolerant tar reader (why not `ray.data.read_webdataset` or `webdataset.WebDataset`: see
-stages/cache.py): every tar fault becomes a counted reject, never an exception.
+stages/cache/): every tar fault becomes a counted reject, never an exception.
 - `scan_tar(fileobj, size)`: walk the headers, find the samples (`Run`s) and the tar faults.
 - `judge_runs(scan, url, require_image=True)`: the good samples and one reject per bad one.
 - `local_file(url)`: (seekable file, size) of a local path or pyarrow-filesystem URI.

@@ -44,6 +44,7 @@ with warnings.catch_warnings():  # `register` is also ABCMeta.register; the fiel
             "teacher.pretrained",
             # the same schedule on the miniature's 8x smaller latents; the feature block at the same relative depth
             "swd.latent_side_divisor", "swd.feature_block",
+            "synthesize.num_actors", "synthesize.num_cpus_per_actor", "synthesize.num_gpus_per_actor",
             "cache.num_encoders", "cache.batch_size", "cache.num_cpus_per_encoder", "cache.num_gpus_per_encoder",
             "cache.num_cpus_per_decoder", "cache.decode_batch_size", "cache.log_every_s",
             "distill.num_steps", "distill.num_workers", "distill.batch_size_per_worker", "distill.use_gpu",

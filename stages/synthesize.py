@@ -56,7 +56,7 @@ from pydantic import Field
 from pipeline import samples
 from pipeline.config import Section
 from pipeline.context import StageContext
-from pipeline.resources import actor_device, check_actor_dtype, gpus_per_actor, worker_runtime_env
+from pipeline.resources import actor_count, actor_device, check_actor_dtype, gpus_per_actor, worker_runtime_env
 from pipeline.teacher import TeacherSampler
 
 VERSION = "2"
@@ -88,7 +88,8 @@ class Config(Section):
     prompts_per_shard: int = Field(256, ge=1)
     long_prompts: Literal["truncate", "skip"] = "truncate"
     batch_size: int = Field(16, ge=1)  # prompts per sampler call
-    num_actors: int = Field(1, ge=1)
+    # null: one actor per GPU of the Ray cluster (its GPUs / num_gpus_per_actor), 1 on a CPU-only cluster
+    num_actors: int | None = Field(None, ge=1)
     num_cpus_per_actor: float = Field(2.0, gt=0)
     num_gpus_per_actor: float | None = Field(None, ge=0)  # null: 1 when the Ray cluster has GPUs
     # Fail the stage when more than this fraction of the prompts read from prompt-only train shards is
@@ -181,6 +182,7 @@ def run(ctx: StageContext) -> None:
     gpus = gpus_per_actor(cfg.num_gpus_per_actor, wanted=bool(sources))
     device = actor_device(gpus)
     check_actor_dtype(teacher.dtype, gpus, "synthesize actors", "synthesize.num_gpus_per_actor")
+    num_actors = actor_count(cfg.num_actors, gpus)
     native = native_side(directory)
     side_px = cfg.image_side_px or native["image_side_px"]
     check_side(side_px, native)
@@ -194,7 +196,7 @@ def run(ctx: StageContext) -> None:
     print(f"[synthesize] {usable} prompt(s) from {len(sources)} source(s), {len(skipped)} skipped; "
           f"{len(shards)} shard(s) of {cfg.images_per_prompt} image(s)/prompt at {side_px} px: "
           f"{len(shards) - len(missing)} done, {len(missing)} to generate; {len(passthrough)} image shard(s) "
-          f"pass through; {cfg.num_actors} actor(s) x ({cfg.num_cpus_per_actor} CPU, {gpus} GPU) on {device}",
+          f"pass through; {num_actors} actor(s) x ({cfg.num_cpus_per_actor} CPU, {gpus} GPU) on {device}",
           flush=True)
 
     # 3-4. generate and write
@@ -208,7 +210,7 @@ def run(ctx: StageContext) -> None:
                              num_threads=max(1, int(cfg.num_cpus_per_actor)),
                              teacher_num_steps=teacher_sampler.num_steps, guidance_scale=teacher_sampler.guidance_scale,
                              latent_side=side_px // native["vae_scale_factor"])
-    generated_s, images = generate_shards(missing, spec, cfg, gpus, sampler, ctx.log)
+    generated_s, images = generate_shards(missing, spec, cfg, gpus, num_actors, sampler, ctx.log)
     rate = images / generated_s if images and generated_s > 0 else None  # steady images/s
 
     # 5. outputs
@@ -476,7 +478,7 @@ def generate_images(generator, prompts: list[str], seeds: list[int]):
     return generator.decode(generator.sample(generator.encode(prompts), 0, noise=noise))
 
 
-def generate_shards(missing: list[PlannedShard], spec, cfg: Config, gpus: float, sampler: dict,
+def generate_shards(missing: list[PlannedShard], spec, cfg: Config, gpus: float, num_actors: int, sampler: dict,
                     log) -> tuple[float, int]:
     """Generate every sample of the missing shards; write each shard once all its samples are back.
     Returns (seconds from the first batch back to the last, images generated in between)."""
@@ -489,7 +491,7 @@ def generate_shards(missing: list[PlannedShard], spec, cfg: Config, gpus: float,
     ds = ray.data.from_items(rows, override_num_blocks=max(1, -(-len(rows) // cfg.batch_size)))
     ds = ds.map_batches(SynthesizeActor, batch_size=cfg.batch_size, batch_format="numpy",
                         fn_constructor_kwargs={"spec": spec},
-                        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cfg.num_actors),
+                        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=num_actors),
                         num_cpus=cfg.num_cpus_per_actor, num_gpus=gpus, runtime_env=worker_runtime_env())
     pending: dict[int, dict[int, bytes]] = {}
     done = images = 0

@@ -135,7 +135,7 @@ def test_the_tiny_teacher_is_checked_at_the_latent_side_it_trains_at(workdir, tm
     Ray, shards or teacher training (not in distill, after them)."""
     from pipeline import tiny
 
-    assert tiny.build_transformer().config.sample_size == 16  # what stages/teacher.py builds and trains
+    assert tiny.build_transformer().config.sample_size == 16  # what pipeline/teacher_training.py builds and trains
     tiny_teacher = [f"workdir={workdir}", "teacher.pretrained=null", "data.generator.image_side_px=128", *SMALL_DATA]
     too_big = [*tiny_teacher, "swd.preset=null", "swd.scales=[16,24]", "swd.boundaries=[0,14]"]
     dry = run_cli("--dry-run", *too_big)
