@@ -94,19 +94,25 @@ def random_text_cond(name_or_config: str | dict, batch_size: int, *, seed: int =
 
 
 def reduced_depth(name_or_config: str | dict, num_layers: int | None) -> dict:
-    """The config with `num_layers` joint blocks (None: unchanged). Dual-attention blocks keep their
-    indices below the new depth; as in diffusers, the last block is always the context-pre-only one."""
+    """The config with `num_layers` joint blocks (None: unchanged). Leading dual-attention blocks keep
+    their share of the depth (SD3.5-M, 13 of 24: 1 of 2); other dual blocks keep their indices below
+    the new depth. As in diffusers, the last block is always the context-pre-only one."""
     config = dict(MODELS[name_or_config] if isinstance(name_or_config, str) else name_or_config)
     if num_layers is None or num_layers == config["num_layers"]:
         return config
     if num_layers < 1:
         raise ValueError(f"num_layers: {num_layers} must be >= 1")
+    dual = list(config.get("dual_attention_layers", ()))
+    if dual == list(range(len(dual))):  # leading dual blocks (MMDiT-X): keep their share of the depth
+        dual = list(range(min(num_layers, round(len(dual) * num_layers / config["num_layers"]))))
+    else:
+        dual = [i for i in dual if i < num_layers]
     config["num_layers"] = num_layers
-    config["dual_attention_layers"] = [i for i in config.get("dual_attention_layers", ()) if i < num_layers]
+    config["dual_attention_layers"] = dual
     return config
 
 
-def transformer_flops(name_or_config: str | dict, image_tokens: int, text_tokens: int) -> float:
+def transformer_flops(name_or_config: str | dict, image_tokens: int, text_tokens: int, *, attention: bool = True) -> float:
     """FLOPs of one SD3/SD3.5 (MMDiT, MMDiT-X) transformer forward for one sample: every per-token
     matmul at 2 FLOPs per weight per token, plus attention (QK^T and AV: 4 * L^2 * width).
 
@@ -115,6 +121,7 @@ def transformer_flops(name_or_config: str | dict, image_tokens: int, text_tokens
     text sequence; a dual-attention block (MMDiT-X) adds image-only attention (4d^2, 4 N^2 d).
     Outside the blocks: patch embedding, the text projection and the output projection. Per-sample
     work (timestep/pooled embeddings, adaLN modulation) and elementwise ops are left out.
+    `attention=False`: only the matmuls with weights (what torch's FlopCounterMode counts on CPU).
     """
     c = MODELS[name_or_config] if isinstance(name_or_config, str) else name_or_config
     d = c["num_attention_heads"] * c["attention_head_dim"]
@@ -124,9 +131,9 @@ def transformer_flops(name_or_config: str | dict, image_tokens: int, text_tokens
     for i in range(depth):
         image_params = 12 * d * d + (4 * d * d if i in dual else 0)
         text_params = 3 * d * d if i == depth - 1 else 12 * d * d
-        flops += 2 * image_params * n + 2 * text_params * t + 4 * (n + t) ** 2 * d
-        if i in dual:
-            flops += 4 * n * n * d
+        flops += 2 * image_params * n + 2 * text_params * t
+        if attention:
+            flops += 4 * (n + t) ** 2 * d + (4 * n * n * d if i in dual else 0)
     patch = c["patch_size"] ** 2
     flops += 2 * patch * c["in_channels"] * d * n + 2 * c["joint_attention_dim"] * d * t
     flops += 2 * d * patch * c["out_channels"] * n
