@@ -32,6 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from pipeline.resources import bucket_elements
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 MODEL_CONFIGS = REPO_ROOT / "assets" / "model-configs"
 CONSTANTS_FILE = MODEL_CONFIGS / "activation-constants.json"
@@ -351,7 +353,7 @@ class Model:
         buckets, under ZeRO `distill.zero_stage` over `num_workers` GPUs."""
         z, n, bt = self.cfg.distill.zero_stage, self.world, self.train_bytes
         master = 4 if self.precision == "bf16" else 0    # fp32 master copies where the weights are bf16
-        bucket = self.ds("reduce_bucket_size")
+        bucket = bucket_elements(trainable)  # what stages/distill's ds_config sets
         lines = []
         if z == 3:
             persistent = self.small_params(name)
@@ -363,7 +365,7 @@ class Model:
                                + self.ds("stage3_prefetch_bucket_size") * self.base_bytes) / GIB))
             lines.append(Line(f"{name}: gradients (1/{n}) + AdamW m, v (+ master) (1/{n})",
                               trainable * (4 + 8 + master) / n / GIB))
-            lines.append(Line(f"{name}: reduce bucket ({bucket:.0e} elements)", min(bucket, trainable) * bt / GIB))
+            lines.append(Line(f"{name}: reduce bucket ({bucket:.0e} elements)", bucket * bt / GIB))
             return lines
         lines.append(Line(f"{name}: frozen base weights", frozen * self.base_bytes / GIB))
         lines.append(Line(f"{name}: trained weights", trainable * bt / GIB))
@@ -372,7 +374,8 @@ class Model:
         lines.append(Line(f"{name}: gradients" + (f" (ZeRO-2: 1/{n})" if z == 2 else ""), grads / GIB))
         lines.append(Line(f"{name}: AdamW m, v + fp32 partition" + (f" (1/{n})" if z >= 1 else ""), states / GIB))
         if z >= 1:
-            lines.append(Line(f"{name}: reduce bucket ({bucket:.0e} elements, allocated in full)", bucket * bt / GIB))
+            lines.append(Line(f"{name}: reduce bucket ({bucket:.0e} elements: the engine's trainable parameters)",
+                              bucket * bt / GIB))
         return lines
 
     def ds(self, key: str) -> float:

@@ -48,3 +48,16 @@ def check_actor_dtype(dtype: str, gpus: float, what: str, gpus_key: str) -> None
         raise ResourceError(f"teacher.dtype 'float16': the {what} run on the CPU here (no GPU in the Ray cluster, "
                             f"or {gpus_key}=0), where float16 is not supported; use float32 or bfloat16, or give "
                             f"the {what} GPUs")
+
+
+# DeepSpeed's default ZeRO bucket (5e8 elements) is a 1 GB bf16 buffer per engine (ZeRO-2 allocates
+# it in full), for engines that train at most ~211M parameters; a bucket of the engine's own trainable
+# size moves its gradients in one collective with no larger buffer.
+DEFAULT_BUCKET_ELEMENTS = 500_000_000
+MIN_BUCKET_ELEMENTS = 1 << 20  # tiny engines: no point in many micro-collectives
+
+
+def bucket_elements(trainable_params: int) -> int:
+    """A DeepSpeed engine's ZeRO reduce / all-gather bucket: its trainable parameter count, within
+    DeepSpeed's default and a 1M-element floor."""
+    return int(min(DEFAULT_BUCKET_ELEMENTS, max(MIN_BUCKET_ELEMENTS, trainable_params)))

@@ -1,7 +1,8 @@
 """Entry point: `python pipeline/run.py [--config FILE ...] [--dry-run] [--only STAGES] [--schedule-slot SLOT]
 [--force STAGES] [key.sub=value ...]`; `python pipeline/run.py compare [--last N]` compares recent
 runs (pipeline/compare.py); `python pipeline/run.py link [--config FILE ...]` prints the link to the
-experiment's runs table in the MLflow UI.
+experiment's runs table in the MLflow UI; `python pipeline/run.py plan [--config FILE ...] [--gpu G]`
+says what a run will cost before it starts (per-GPU peak memory per phase, bytes, time; pipeline/plan.py).
 
 The one module of `pipeline/` that imports `stages/`: it takes the stage list and the config tree
 from `stages/__init__.py` and hands them to the graph.
@@ -53,6 +54,10 @@ def main(argv: list[str] | None = None) -> int:
         return compare.main(argv[1:], stages.load_config)
     if argv[:1] == ["link"]:
         return link(argv[1:])
+    if argv[:1] == ["plan"]:  # `plan [--config FILE ...] [--gpu G] [--mfu F]`: memory, bytes, time before a run
+        from pipeline import plan
+
+        return plan.main(argv[1:], stages.load_config)
     args = _parse_args(argv)
     stage_list = stages.default_stages()
     try:

@@ -5,7 +5,8 @@
 - `load_bundle(location, dtype, device, ...)`: SD3Transformer2DModel, AutoencoderKL (with its
   `scaling_factor` / `shift_factor`), the CLIP text encoders and tokenizers, the T5 encoder where
   there is one and it is wanted, FlowMatchEulerDiscreteScheduler. Safetensors only
-  (`use_safetensors=True`, no pickle), never `trust_remote_code`.
+  (`use_safetensors=True`, no pickle), never `trust_remote_code`. `components` loads only some of
+  the models (the cache encoders: `("vae", "text")`, no transformer); the others are None.
 - `text_settings(directory, load_t5, max_sequence_length)`: from the files alone, whether T5 is loaded
   and how many T5 tokens a prompt embedding has (null: the T5 tokenizer's limit); errors name the key.
 - `TeacherBundle.encode_prompt(prompts)`: exactly `StableDiffusion3Pipeline.encode_prompt` (it
@@ -23,6 +24,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from pydantic import Field
@@ -45,6 +47,8 @@ SD3_COMPONENTS: dict[str, tuple[str, ...]] = {
     "tokenizer_2": ("CLIPTokenizer", "CLIPTokenizerFast"),
 }
 DTYPES = ("float32", "bfloat16", "float16")
+# load_bundle(components=...): which models to load; "text" is text_encoder, text_encoder_2 and text_encoder_3.
+COMPONENTS = ("transformer", "vae", "text")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -87,11 +91,15 @@ class TeacherBundle:
 
     @property
     def device(self):
-        return self.transformer.device
+        return self._first_model().device
 
     @property
     def dtype(self):
-        return self.transformer.dtype
+        return self._first_model().dtype
+
+    def _first_model(self):
+        """The transformer, or the first loaded model of a bundle loaded without it (`load_bundle(components=)`)."""
+        return next(m for m in (self.transformer, self.vae, self.text_encoder, self.text_encoder_2) if m is not None)
 
     def encode_prompt(self, prompts: str | list[str], max_sequence_length: int | None = None):
         """(prompt_embeds [B, L, D], pooled_prompt_embeds [B, P]) as StableDiffusion3Pipeline makes them."""
@@ -233,9 +241,15 @@ def text_settings(directory: str | Path, load_t5: bool | str = "auto", max_seque
 
 
 def load_bundle(location: str | Path, dtype: str = "float32", device: str = "cpu", local_files_only: bool = True,
-                load_t5: bool | str = "auto", max_sequence_length: int | None = None) -> TeacherBundle:
+                load_t5: bool | str = "auto", max_sequence_length: int | None = None,
+                components: tuple[str, ...] = COMPONENTS) -> TeacherBundle:
     """Load an SD3-family teacher (local directory or hub id) in `dtype` on `device`, eval mode, frozen.
-    `load_t5` and `max_sequence_length` as in `text_settings`."""
+    `load_t5` and `max_sequence_length` as in `text_settings`. `components` (of COMPONENTS): the models
+    to load, the others stay None (diffusers' `from_pretrained(..., transformer=None)`); without the
+    transformer, `encode_prompt` still works (a teacher without T5 reads only its config)."""
+    unknown = [c for c in components if c not in COMPONENTS]
+    if unknown or not components:
+        raise TeacherError(f"load_bundle components {list(components)!r}: valid are one or more of {list(COMPONENTS)}")
     torch_dtype, torch_device = check_dtype_device(dtype, device)
     directory = resolve_pretrained(str(location), local_files_only)
     index = check_sd3_directory(directory, str(location))
@@ -247,6 +261,12 @@ def load_bundle(location: str | Path, dtype: str = "float32", device: str = "cpu
     extra = {k: None for k in empty}
     if not text["t5"]:
         extra.update(text_encoder_3=None, tokenizer_3=None)
+    if "transformer" not in components:
+        extra["transformer"] = None
+    if "vae" not in components:
+        extra["vae"] = None
+    if "text" not in components:
+        extra.update(text_encoder=None, text_encoder_2=None, text_encoder_3=None)
     try:
         pipe = StableDiffusion3Pipeline.from_pretrained(directory, dtype=torch_dtype, use_safetensors=True,
                                                         local_files_only=True, **extra)
@@ -255,13 +275,20 @@ def load_bundle(location: str | Path, dtype: str = "float32", device: str = "cpu
                            f"(safetensors weights only): {e}") from None
     pipe.to(torch_device)
     pipe.set_progress_bar_config(disable=True)
+    if "transformer" not in components:
+        # encode_prompt without T5 makes its zero T5 block [B, max_sequence_length, transformer.config.
+        # joint_attention_dim]: give the pipeline the transformer's config alone (no weights).
+        from diffusers import SD3Transformer2DModel
+        from diffusers.configuration_utils import FrozenDict
+
+        pipe.transformer = SimpleNamespace(config=FrozenDict(SD3Transformer2DModel.load_config(directory / "transformer")))
     for module in (pipe.transformer, pipe.vae, pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3):
-        if module is not None:
+        if module is not None and hasattr(module, "eval"):
             module.eval().requires_grad_(False)
     info_file = directory / BUNDLE_INFO_FILE
     info = json.loads(info_file.read_text()) if info_file.is_file() else {}
     return TeacherBundle(
-        transformer=pipe.transformer, vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer,
+        transformer=pipe.transformer if "transformer" in components else None, vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer,
         text_encoder_2=pipe.text_encoder_2, tokenizer_2=pipe.tokenizer_2, text_encoder_3=pipe.text_encoder_3,
         tokenizer_3=pipe.tokenizer_3, scheduler=pipe.scheduler, pipeline=pipe, location=str(directory),
         max_sequence_length=text["max_sequence_length"], info=info,

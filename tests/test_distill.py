@@ -20,7 +20,7 @@ import torch
 import stages
 from helpers.context import stage_context
 from helpers.stock_diffusers import check_export_in_stock_diffusers
-from pipeline import tiny
+from pipeline import resources, tiny
 from pipeline.config import ConfigError
 from pipeline.context import StageContext
 from pipeline.student_export import LORA_WEIGHTS, init_student_adapter
@@ -118,7 +118,14 @@ def test_config_defaults_follow_swd_md_and_bf16_needs_a_gpu():
     ds = worker.ds_config(cfg, cfg.lr, world_size=2, bf16=False)
     assert ds["optimizer"] == {"type": "AdamW", "params": {"lr": 5e-6, "betas": [0.9, 0.999], "eps": 1e-8,
                                                            "weight_decay": 0.01, "torch_adam": True}}
-    assert ds["gradient_clipping"] == 10.0 and ds["zero_optimization"] == {"stage": 2}
+    assert ds["gradient_clipping"] == 10.0 and ds["zero_optimization"]["stage"] == 2
+    # buckets follow the engine's trainable parameters (DeepSpeed's 5e8 default is the ceiling)
+    assert worker.ds_config(cfg, cfg.lr, 2, False, trainable_params=40_000_000)["zero_optimization"] == {
+        "stage": 2, "reduce_bucket_size": 40_000_000, "allgather_bucket_size": 40_000_000}
+    assert resources.bucket_elements(10) == resources.MIN_BUCKET_ELEMENTS
+    assert resources.bucket_elements(10**10) == resources.DEFAULT_BUCKET_ELEMENTS
+    zero3 = worker.ds_config(cfg.model_copy(update={"zero_stage": 3}), cfg.lr, 2, False, trainable_params=2**21)
+    assert zero3["zero_optimization"] == {"stage": 3, "reduce_bucket_size": 2**21}
     assert cfg.fake_updates_per_step == 5
     with pytest.raises(ConfigError, match=r"distill.precision: 'bf16' needs distill.use_gpu=true"):
         load_config(overrides=["distill.precision=bf16"])

@@ -10,6 +10,7 @@ import os
 import time
 from dataclasses import dataclass, field
 
+from pipeline.resources import DEFAULT_BUCKET_ELEMENTS, bucket_elements
 from stages.distill import Config
 from stages.distill.checkpoint import Checkpointer
 from stages.distill.faults import Faults
@@ -38,8 +39,11 @@ def train_loop(config: dict) -> dict:
     return Trainer(LoopSpec(**config)).train()
 
 
-def ds_config(cfg: Config, lr: float, world_size: int, bf16: bool) -> dict:
-    """One engine's DeepSpeed config: AdamW (torch's; no op build), clipping, ZeRO stage, precision."""
+def ds_config(cfg: Config, lr: float, world_size: int, bf16: bool, trainable_params: int = DEFAULT_BUCKET_ELEMENTS
+              ) -> dict:
+    """One engine's DeepSpeed config: AdamW (torch's; no op build), clipping, ZeRO stage, precision,
+    buckets sized to the engine's trainable parameters."""
+    bucket = bucket_elements(trainable_params)
     return {
         "train_micro_batch_size_per_gpu": cfg.batch_size_per_worker,
         "train_batch_size": cfg.batch_size_per_worker * world_size,
@@ -47,7 +51,8 @@ def ds_config(cfg: Config, lr: float, world_size: int, bf16: bool) -> dict:
         "gradient_clipping": cfg.grad_clip,
         "optimizer": {"type": "AdamW", "params": {"lr": lr, "betas": list(cfg.betas), "eps": 1e-8,
                                                   "weight_decay": cfg.weight_decay, "torch_adam": True}},
-        "zero_optimization": {"stage": cfg.zero_stage},
+        "zero_optimization": {"stage": cfg.zero_stage, "reduce_bucket_size": bucket,
+                              **({"allgather_bucket_size": bucket} if cfg.zero_stage in (1, 2) else {})},
         "bf16": {"enabled": bf16},
         # Gradients are averaged over ranks in fp32 unless the engine is a bf16 one (as released).
         "communication_data_type": "bf16" if bf16 else "fp32",
@@ -191,12 +196,14 @@ class Trainer:
         self.nets = nets
         self.student, *_ = deepspeed.initialize(
             model=nets.student, model_parameters=nets.student_parameters(),
-            config=ds_config(self.cfg, self.cfg.lr, self.world, self.bf16))
+            config=ds_config(self.cfg, self.cfg.lr, self.world, self.bf16,
+                             sum(p.numel() for p in nets.student_parameters())))
         self.fake = None
         if nets.fake is not None:
             self.fake, *_ = deepspeed.initialize(
                 model=nets.fake, model_parameters=nets.fake_parameters(),
-                config=ds_config(self.cfg, self.cfg.fake_lr, self.world, self.bf16))
+                config=ds_config(self.cfg, self.cfg.fake_lr, self.world, self.bf16,
+                                 sum(p.numel() for p in nets.fake_parameters())))
 
     @property
     def engines(self) -> dict:
