@@ -5,9 +5,10 @@ memory at two dataset sizes, measured side by side in one run.
     python bench/bench_cache.py --images 2048 --batch-size 64
     python bench/bench_cache.py --bundle /models/sd35-medium --dtype bfloat16 --image-side 1024 \
         --preset sd35-medium-4step --images 256 --batch-size 8
+    python bench/bench_cache.py --bytes-only                # bytes per row, format 1 vs 2, from the layout alone
 
-- bare: one encoder (`stages.cache.encoder.TeacherEncoder.forward`: every scale's z_i and z_im1, the prompt
-  embeddings) on pre-decoded tensors, same batch size, in a Ray task with the same resources
+- bare: one encoder (`stages.cache.encoder.TeacherEncoder.forward`: the area downsampling of the uint8
+  crops, every scale's z_i and stored z_im1, the prompt embeddings) on pre-decoded crops, same batch size, in a Ray task with the same resources
   as one encoder of the pool (so the same torch threads), after one warm-up batch; measured
   before and after the full runs (their mean is the reference, their spread the machine's noise).
 - full: `stages.cache.run` on fresh shards: tar read, decode and area downsampling, the encoder actor
@@ -15,6 +16,10 @@ memory at two dataset sizes, measured side by side in one run.
   whole stage (Ray Data start-up, actor start and model load included); "steady": the stage's
   `rows_per_s_steady` (first to last encoded batch, the rate once the pipeline is full);
   "marginal": (rows_4x - rows_1x) / (wall_4x - wall_1x), fixed costs cancelled out.
+- bytes per row (issue 15): cache tensor bytes (`pipeline.latent_cache.row_bytes`) and object-store pixel
+  bytes (`stages.cache.encoder.transport_bytes_per_row`) of format 1 (every z_im1, CLIP zero-padded,
+  float pixels of every scale) and format 2 (this code), for the tiny default and SD3.5-Medium 4-step
+  shapes, plus the Parquet bytes per row the full runs wrote.
 - peak memory: proportional set size (PSS: shared object-store pages split between the processes
   that map them) summed over this process and every process it started (the local Ray head, its
   workers), sampled every 0.2 s; reported above the level before the run.
@@ -55,11 +60,46 @@ def parse_args(argv=None):
     p.add_argument("--bare-repeats", type=int, default=2, help="passes over the pre-decoded images")
     p.add_argument("--workdir", type=Path, default=None, help="keep the data here (default: a temp dir)")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
+    p.add_argument("--bytes-only", action="store_true", help="print the bytes-per-row table and stop")
     return p.parse_args(argv)
+
+
+# (name, scales, latent channels, CLIP tokens, CLIP width, T5 tokens, joint width, T5 present, pooled width,
+#  storage dtype, VAE scale factor, image side)
+SHAPES = [("tiny default (4 scales, 16 latent)", [8, 10, 12, 16], 4, 16, 128, 0, 128, False, 128, "float32", 4, 64),
+          ("SD3.5-Medium 4-step (1024 px)", [64, 80, 96, 128], 16, 77, 2048, 256, 4096, True, 2048, "bfloat16", 8, 1024)]
+
+
+def bytes_table() -> list[dict]:
+    """Bytes per row before (format 1) and after (format 2), from the layout alone."""
+    from pipeline.latent_cache import row_bytes
+    from stages.cache.encoder import transport_bytes_per_row
+    from stages.cache.shard_keys import EncoderSpec
+
+    out = []
+    for name, scales, ch, lc, dc, l5, d, t5, pooled, dtype, factor, side in SHAPES:
+        spec = EncoderSpec(location="", dtype=dtype, device="cpu", load_t5=t5, local_files_only=True,
+                           posterior="mode", seed=0, storage_dtype=dtype, scales=scales, vae_scale_factor=factor)
+        row = {v: row_bytes(scales, ch, lc, dc, l5, d, pooled, dtype, t5=t5, format_version=v) for v in (1, 2)}
+        pixels = {v: transport_bytes_per_row(spec, side, format_version=v) for v in (1, 2)}
+        out.append({"shape": name, "cache_row_bytes": row, "pixel_bytes": pixels})
+    print("\n| shape | cache row before | after | z_im1 before / after | prompt_embeds before / after | "
+          "object-store pixels before | after |\n|---|---|---|---|---|---|---|")
+    for r in out:
+        a, b = r["cache_row_bytes"][1], r["cache_row_bytes"][2]
+        print(f"| {r['shape']} | {a['total']:,} | {b['total']:,} ({b['total'] / a['total'] - 1:+.1%}) | "
+              f"{a['z_im1']:,} / {b['z_im1']:,} | {a['prompt_embeds']:,} / {b['prompt_embeds']:,} | "
+              f"{r['pixel_bytes'][1]:,} | {r['pixel_bytes'][2]:,} ({r['pixel_bytes'][1] / r['pixel_bytes'][2]:.1f}x less) |")
+    return out
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    layout_bytes = bytes_table()
+    if args.bytes_only:
+        if args.json:
+            args.json.write_text(json.dumps({"bytes": layout_bytes}, indent=1) + "\n")
+        return 0
     root = args.workdir or Path(tempfile.mkdtemp(prefix="bench-cache-"))
     root.mkdir(parents=True, exist_ok=True)
     import ray
@@ -106,7 +146,8 @@ def main(argv=None) -> int:
         full[name] = run_stage(root / f"run-{name}", bundle, shard_urls, cfg, swd, teacher)
         f = full[name]
         print(f"[bench] full path {name}: {f['rows']} images in {f['wall_s']:.1f} s = {f['images_per_s']:.1f} "
-              f"images/s end to end; peak memory +{f['peak_pss_gib']:.2f} GiB over {f['base_pss_gib']:.2f} GiB",
+              f"images/s end to end; peak memory +{f['peak_pss_gib']:.2f} GiB over {f['base_pss_gib']:.2f} GiB; "
+              f"{f['parquet_bytes_per_row']:,.0f} Parquet bytes per row",
               flush=True)
     bare_runs.append(measure_bare("after"))  # the spread of the two shows how noisy the machine is
     cpu = {k: min(b["cpu_ms_per_image"][k] for b in bare_runs) for k in bare_runs[0]["cpu_ms_per_image"]}
@@ -128,6 +169,7 @@ def main(argv=None) -> int:
         "peak_memory_growth_gib": round(b["peak_pss_gib"] - a["peak_pss_gib"], 3),
         "cpu_ms_per_image": {k: round(v, 3) for k, v in cpu.items()},
         "goal_ratio": GOAL_RATIO,
+        "bytes": layout_bytes,
     }
     print("\n| path | images | wall s | images/s end to end | images/s steady | steady / bare | "
           "end to end / bare | peak memory over base (GiB) |\n|---|---|---|---|---|---|---|---|")
@@ -142,8 +184,8 @@ def main(argv=None) -> int:
         print(f"| full, marginal {args.scale}x - 1x | {b['rows'] - a['rows']} | {b['wall_s'] - a['wall_s']:.1f} | "
               f"{marginal:.1f} | | | {marginal / rate:.2f} | |")
     overhead = cpu["read"] + cpu["decode"] + cpu["rows"]
-    print(f"\nCPU ms per image (one process, one thread): read {cpu['read']:.2f}, decode + downsample "
-          f"{cpu['decode']:.2f}, encoder forward {cpu['forward']:.2f}, cache rows {cpu['rows']:.2f}; "
+    print(f"\nCPU ms per image (one process, one thread): read {cpu['read']:.2f}, decode "
+          f"{cpu['decode']:.2f}, encoder forward (area downsampling included) {cpu['forward']:.2f}, cache rows {cpu['rows']:.2f}; "
           f"everything but the forward = {overhead / cpu['forward']:.0%} of it")
     print(f"goal full / bare >= {GOAL_RATIO}: steady {result['ratio_steady']}, end to end "
           f"{result['ratio_end_to_end']}, marginal {result['ratio_marginal']}; peak memory {args.scale}x - 1x: "
@@ -184,7 +226,7 @@ def bare_forward(spec, urls: list[str], batch_size: int, repeats: int) -> dict:
     import pyarrow as pa
     import torch
 
-    from pipeline.latent_cache import rows_table, tensor_names
+    from pipeline.latent_cache import rows_table, text_layout
     from stages.cache.encoder import TeacherEncoder, decode_images
     from stages.cache.rounds import read_shard, sample_schema
 
@@ -214,8 +256,9 @@ def bare_forward(spec, urls: list[str], batch_size: int, repeats: int) -> dict:
     wall = time.perf_counter() - start
     forward_ms = 1000 * (time.process_time() - cpu_start) / (n * repeats)
     outputs = [encoder.forward(b) for b in batches]
-    names = tensor_names(len(spec.scales))
-    _, rows_ms = cpu_ms(lambda: [rows_table(list(b["key"]), list(b["prompt"]), list(b["shard_key"]), o, names)
+    layout = text_layout(encoder.bundle, outputs[0]["prompt_embeds"].shape)
+    _, rows_ms = cpu_ms(lambda: [rows_table(list(b["key"]), list(b["prompt"]), list(b["shard_key"]), o,
+                                            encoder.columns, layout)
                                  for b, o in zip(batches, outputs)], n)  # tensors -> cache rows (bytes, Arrow)
     assert np.isfinite(out["z_0"].float().cpu().numpy()).all()
     return {"images": n, "wall_s": wall, "images_per_s": n * repeats / wall, "threads": torch.get_num_threads(),
@@ -248,7 +291,8 @@ def run_stage(root: Path, bundle: Path, urls: list[str], cfg, swd, teacher) -> d
         cache.run(ctx)
         wall = time.perf_counter() - start
     rows = ctx.summary["rows"]
-    return {"rows": rows, "wall_s": wall, "images_per_s": rows / wall,
+    parquet = sum(f.stat().st_size for f in (root / "shared").rglob("*.parquet"))
+    return {"rows": rows, "wall_s": wall, "images_per_s": rows / wall, "parquet_bytes_per_row": parquet / max(rows, 1),
             "steady_images_per_s": ctx.summary.get("rows_per_s_steady", float("nan")),
             "base_pss_gib": mem.base / 2**30, "peak_pss_gib": (mem.peak - mem.base) / 2**30}
 

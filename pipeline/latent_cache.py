@@ -111,6 +111,17 @@ class TextLayout:
         return asdict(self)
 
 
+def text_layout(bundle, prompt_embeds_shape) -> TextLayout:
+    """How this bundle's prompt_embeds [B, L, D] are stored: its CLIP tokens (the CLIP tokenizer's
+    length) at the two CLIP widths side by side (at most D: diffusers pads or cuts them to D), then the
+    T5 tokens when there is a T5 encoder."""
+    _, tokens, width = (int(v) for v in prompt_embeds_shape)
+    clip_tokens = int(bundle.pipeline.tokenizer_max_length)
+    clip_width = int(bundle.text_encoder.config.hidden_size) + int(bundle.text_encoder_2.config.hidden_size)
+    return TextLayout(clip_tokens=clip_tokens, clip_width=min(clip_width, width), t5_tokens=tokens - clip_tokens,
+                      width=width, t5=bundle.text_encoder_3 is not None)
+
+
 def pack_prompt_embeds(prompt_embeds, layout: TextLayout):
     """[B, L, D] -> [B, n] flat rows of the stored blocks (CLIP block, then the T5 block when `layout.t5`).
     ValueError when what is left out is not zero bit for bit (then the read-back would differ)."""

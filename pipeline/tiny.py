@@ -175,10 +175,13 @@ def build_bundle(directory: str | Path, seed: int = 0, info: dict | None = None)
 
 
 def synthetic_cache(root: str | Path, bundle_dir: str | Path, rows: int, scales: list[int]) -> Path:
-    """A committed-looking `cache` stage output (tests, bench_distill): the bundle's real prompt
-    embeddings of shapes prompts and random latents per scale, one Parquet file."""
+    """A committed-looking `cache` stage output in the `pipeline.latent_cache` format (tests, bench_distill):
+    the bundle's real prompt embeddings of shapes prompts (and of "", `uncond.safetensors`) and random
+    latents per scale, one Parquet file. The random draws are those of every z_im1_i, in the order they
+    always were; the implied ones (z_im1_0) are then not stored, as the cache stage does not store them."""
     import pyarrow.parquet as pq
     import torch
+    from safetensors.torch import save_file
 
     from pipeline.shapes import COLOURS_RGB, SHAPES
     from pipeline.teacher import load_bundle, text_settings
@@ -188,8 +191,11 @@ def synthetic_cache(root: str | Path, bundle_dir: str | Path, rows: int, scales:
     colours = list(COLOURS_RGB)
     prompts = [f"a {colours[i % len(colours)]} {SHAPES[i % len(SHAPES)]} in the top left on a black background"
                for i in range(rows)]
+    bundle = load_bundle(bundle_dir, components=("text",))
     with torch.no_grad():
-        prompt_embeds, pooled = load_bundle(bundle_dir).encode_prompt(prompts)
+        prompt_embeds, pooled = bundle.encode_prompt(prompts)
+        uncond = bundle.encode_prompt([""])
+    layout = cache.text_layout(bundle, prompt_embeds.shape)
     g = torch.Generator().manual_seed(0)
     tensors = {"prompt_embeds": prompt_embeds, "pooled_prompt_embeds": pooled}
     for i, side in enumerate(scales):
@@ -199,10 +205,16 @@ def synthetic_cache(root: str | Path, bundle_dir: str | Path, rows: int, scales:
     data = root / "data"
     data.mkdir(parents=True)
     table = cache.rows_table([f"k{i:05d}" for i in range(rows)], prompts, ["shard0"] * rows, tensors,
-                             cache.tensor_names(len(scales)))
+                             cache.stored_columns(scales), layout)
     pq.write_table(table, data / "part-0.parquet")
+    save_file({"prompt_embeds": uncond[0].contiguous(), "pooled_prompt_embeds": uncond[1].contiguous()},
+              str(root / cache.UNCOND_FILE))
     text = {**text_settings(bundle_dir), "encoder_digest": cache.encoder_digest(bundle_dir)}
     (root / cache.CACHE_FILE).write_text(json.dumps({
-        "scales": list(scales), "vae_scale_factor": PIXEL_SIDE // LATENT_SIDE, "rejects_by_reason": {}, "text": text,
+        "format_version": cache.FORMAT_VERSION, "scales": list(scales), "vae_scale_factor": PIXEL_SIDE // LATENT_SIDE,
+        "rejects_by_reason": {}, "text": text, "columns": cache.stored_columns(scales),
+        "implied_columns": cache.implied_columns(scales), "text_layout": layout.as_dict(),
+        "uncond": {"file": cache.UNCOND_FILE, "prompt": "", "dtype": "float32",
+                   "prompt_embeds_shape": list(uncond[0].shape), "pooled_prompt_embeds_shape": list(uncond[1].shape)},
         "shards": [{"dir": str(data), "rows": rows}]}))
     return root

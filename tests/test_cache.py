@@ -173,6 +173,12 @@ def test_cached_latents_and_embeddings_equal_a_direct_encode(first_run, pipeline
     assert row["z_0_dtype"] == "float32" and list(row["z_0_shape"]) == [4, scales[0], scales[0]]
     assert list(row["z_im1_2_shape"]) == [4, scales[1], scales[1]]  # previous scale's side
     assert len(row["z_3"]) == 4 * 4 * scales[3] ** 2  # raw float32 bytes
+    # format 2: z_im1_0 (== z_0) is not stored; the tiny bundle's CLIP block is its whole width, no T5
+    assert manifest["format_version"] == latent_cache.FORMAT_VERSION == 2
+    assert manifest["columns"] == latent_cache.stored_columns(scales) and "z_im1_0" not in manifest["columns"]
+    assert manifest["implied_columns"] == {"z_im1_0": "z_0"} and "z_im1_0" not in row
+    assert manifest["text_layout"] == {"clip_tokens": 16, "clip_width": 128, "t5_tokens": 0, "width": 128, "t5": False}
+    assert list(row["prompt_embeds_shape"]) == [16, 128, 16, 128] and len(row["prompt_embeds"]) == 16 * 128 * 4
 
     batch = latent_cache.decode_batch({k: [r[k] for r in rows] for k in rows[0]})
     samples = {**shard_samples(pipeline_root / "shards" / "train-000.tar"),
@@ -190,7 +196,16 @@ def test_cached_latents_and_embeddings_equal_a_direct_encode(first_run, pipeline
     torch.testing.assert_close(batch["prompt_embeds"], prompt_embeds, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(batch["pooled_prompt_embeds"], pooled, atol=1e-5, rtol=1e-5)
     # s[-1] := s[0]: the previous-scale latent of scale 0 is the scale-0 latent itself
-    torch.testing.assert_close(batch["z_im1"][0], batch["z"][0])
+    assert batch["z_im1"][0] is batch["z"][0] and batch["z_im1_0"] is batch["z_0"]
+
+    # the prompt "" once, as the encoders make it (a Ray task, text encoders only)
+    uncond = latent_cache.read_uncond(first_run.output_dir)
+    with torch.no_grad():
+        direct = loaded.encode_prompt([""])
+    assert [t.shape for t in uncond] == [t.shape for t in direct] and uncond[0].dtype == torch.float32
+    assert all(torch.equal(a, b) for a, b in zip(uncond, direct))
+    assert manifest["uncond"] == {"file": latent_cache.UNCOND_FILE, "prompt": "", "dtype": "float32",
+                                  "prompt_embeds_shape": [1, 16, 128], "pooled_prompt_embeds_shape": [1, 128]}
 
     # every batch format a Ray Data consumer can ask for decodes the same (pyarrow and pandas read
     # straight from one shard's Parquet files), and so does a single row
@@ -222,6 +237,8 @@ def test_adding_a_shard_encodes_only_that_shard(first_run, pipeline_root, bundle
     assert [e["reused"] for e in manifest["shards"]] == [True, True, False]
     assert {k: p.stat().st_mtime_ns for k, p in records.items()} == stamps  # untouched
     assert latent_cache.read_cache(out.output_dir).count() == 26
+    assert (out.output_dir / latent_cache.UNCOND_FILE).read_bytes() == \
+        (first_run.output_dir / latent_cache.UNCOND_FILE).read_bytes()  # encoded once, kept in the shared dir
 
     # the same command again: the whole stage is cached
     assert run_graph(pipeline_root, bundle).action == "cached"
@@ -325,6 +342,10 @@ def test_too_many_rejects_fail_with_a_clear_error_and_keep_the_encoded_shards(ba
     logged = [a.path for a in mlflow.MlflowClient(strict.tracking_uri).list_artifacts(strict.run_id)]
     assert logged == [cache.REJECTS_FILE]
     assert strict.summary["shards_reused"] == len(urls) - 2 and strict.summary["rows_encoded"] == 0
+    # every shard reused and the prompt "" from the shared dir: no Ray work at all
+    assert (strict.output_dir / latent_cache.UNCOND_FILE).read_bytes() == \
+        (ctx.output_dir / latent_cache.UNCOND_FILE).read_bytes()
+    assert len(list((root / "shared").glob("uncond-*.safetensors"))) == 1
 
 
 def test_nothing_usable_fails_even_when_rejects_are_allowed(bad_root, bundle):
@@ -402,7 +423,7 @@ def test_posterior_sample_is_seeded_per_key_not_per_batch(bundle):
                              posterior="sample", seed=0, storage_dtype="float32", scales=scales, vae_scale_factor=4)
     sampler = encoder.TeacherEncoder(spec)
     pixels = [scale_images(encoder.image_tensor(_png(seed)), scales, 3, 4)[0] for seed in range(3)]
-    batch = np.concatenate([p.numpy() for p in pixels])
+    batch = torch.cat(pixels)
     both = sampler.latents(batch, ["a", "b", "c"], "z_3")
     alone = sampler.latents(batch[1:2], ["b"], "z_3")
     torch.testing.assert_close(both[1], alone[0])
@@ -410,13 +431,13 @@ def test_posterior_sample_is_seeded_per_key_not_per_batch(bundle):
     # (mean + std * eps - shift) * scaling, eps from a generator seeded by (seed, key, column)
     vae = sampler.bundle.vae
     with torch.no_grad():
-        dist = vae.encode(torch.from_numpy(batch[1:2])).latent_dist
+        dist = vae.encode(batch[1:2]).latent_dist
     eps = torch.randn(dist.mean.shape, generator=torch.Generator().manual_seed(encoder.sample_seed(0, "b", "z_3")))
     torch.testing.assert_close(alone, (dist.mean + dist.std * eps - SHIFT) * SCALING)
 
 
-def test_bfloat16_teacher_carries_pixels_as_bits_and_matches_float32(bundle, tmp_path):
-    """teacher.dtype=bfloat16 (the GPU setting): decoded pixels travel as int16 bits, the encoders
+def test_bfloat16_teacher_sees_the_bf16_pixels_and_matches_float32(bundle, tmp_path):
+    """teacher.dtype=bfloat16 (the GPU setting): decoded images travel as uint8 crops, the encoders
     see exactly the bf16 pixels a direct encode would, results match float32 to bf16 precision."""
     import pyarrow as pa
 
@@ -429,11 +450,14 @@ def test_bfloat16_teacher_carries_pixels_as_bits_and_matches_float32(bundle, tmp
         spec = shard_keys.EncoderSpec(location=str(bundle), dtype=dtype, device="cpu", load_t5="auto", local_files_only=True,
                                  posterior="mode", seed=0, storage_dtype=dtype, scales=scales, vae_scale_factor=4)
         decoded = encoder.decode_images(table, spec)
-        assert decoded["pixels_3"].dtype == (np.int16 if dtype == "bfloat16" else np.float32)
-        out[dtype] = encoder.TeacherEncoder(spec).forward(decoded)
-    pixels32 = encoder.decode_images(table, shard_keys.EncoderSpec(**{**spec.__dict__, "dtype": "float32"}))["pixels_2"]
-    assert torch.equal(latent_cache.from_numpy(decoded["pixels_2"], "bfloat16"),
-                       torch.from_numpy(pixels32).to(torch.bfloat16))
+        assert decoded["image"].dtype == np.uint8 and decoded["image"].shape == (3, 64, 64, 3)
+        actor = encoder.TeacherEncoder(spec)
+        out[dtype] = actor.forward(decoded)
+        pixels = actor.scaled_pixels(decoded["image"])
+        assert pixels["z_2"].dtype == getattr(torch, dtype)
+        expected = [expected_pixels(r["image"], scales, 4)[2][0] for r in rows]
+        assert torch.equal(pixels["z_2"], torch.cat(expected).to(getattr(torch, dtype)))
+        assert "z_im1_0" not in pixels and "z_im1_0" not in out[dtype]
     for name, value in out["bfloat16"].items():
         assert value.dtype == torch.bfloat16
         torch.testing.assert_close(value.float(), out["float32"][name], atol=0.1, rtol=0.05)

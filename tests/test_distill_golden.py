@@ -5,7 +5,8 @@ as torchtitan keeps loss curves). A refactor of the loop must keep these numbers
 The worker loop runs in this process as Ray Train runs it on one worker: a single-rank gloo process
 group, DeepSpeed engines, the stage's MLflow logging (a SQLite store), the final checkpoint and export;
 only the five `ray.train` calls the worker makes (context, device, checkpoint, dataset shard, report) are
-served locally, the shard reading the cache's Parquet rows in order (as `shuffle_buffer_rows=0` does).
+served locally, each scale's shard reading that scale's columns of the cache's Parquet rows in order (as
+`shuffle_buffer_rows=0` does).
 
 When a change is *meant* to change the losses, re-record (and say why in the commit):
 
@@ -40,7 +41,7 @@ OVERRIDES = ["swd.student.lora_rank=4", "swd.fake.lora_rank=4", "swd.student.lor
 
 
 class LocalShard:
-    """`ray.train.get_dataset_shard("train")` of one worker: the cache's rows in order, in full batches."""
+    """`ray.train.get_dataset_shard(name)` of one worker: the cache's rows in order, in full batches."""
 
     def __init__(self, cache_dir: Path, columns: list[str]):
         import pyarrow as pa
@@ -55,7 +56,7 @@ class LocalShard:
 
 
 @contextlib.contextmanager
-def single_worker(shard: LocalShard, reports: list):
+def single_worker(shards: dict[str, LocalShard], reports: list):
     """One Ray Train worker in this process: rank 0 of a world of 1, a gloo process group, the CPU."""
     import ray.train
     import ray.train.torch
@@ -74,7 +75,7 @@ def single_worker(shard: LocalShard, reports: list):
         stack.enter_context(mock.patch.object(ray.train, "get_context", lambda: context))
         stack.enter_context(mock.patch.object(ray.train.torch, "get_device", lambda: torch.device("cpu")))
         stack.enter_context(mock.patch.object(ray.train, "get_checkpoint", lambda: None))
-        stack.enter_context(mock.patch.object(ray.train, "get_dataset_shard", lambda name: shard))
+        stack.enter_context(mock.patch.object(ray.train, "get_dataset_shard", lambda name: shards[name]))
         stack.enter_context(mock.patch.object(ray.train, "report",
                                               lambda metrics, checkpoint=None, **kw: reports.append(metrics)))
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
@@ -87,12 +88,20 @@ def single_worker(shard: LocalShard, reports: list):
 
 def new_api():
     """This tree's distill worker (the pre-refactor tree had the same calls under other names)."""
+    from pipeline.latent_cache import read_uncond
     from stages import load_config
     from stages.distill import checks, worker
 
+    def shards(cache_dir: Path, columns: list) -> dict[str, LocalShard]:  # one dataset per scale (checks)
+        return {name: LocalShard(cache_dir, checks.dataset_columns(pair))
+                for name, pair in dict(zip(checks.scale_datasets(columns), columns)).items()}
+
+    def spec_extra(cache_dir: Path) -> dict:  # the cache's "" embedding, as the driver hands it over
+        return {"uncond": {k: t.float().numpy() for k, t in zip(checks.TEXT_COLUMNS, read_uncond(cache_dir))}}
+
     return types.SimpleNamespace(cache_columns=checks.cache_columns, sample_prompts=checks.sample_prompts,
-                                 LoopSpec=worker.LoopSpec, train_loop=worker.train_loop, spec_extra={},
-                                 load_config=load_config, overrides=OVERRIDES)
+                                 LoopSpec=worker.LoopSpec, train_loop=worker.train_loop, spec_extra=spec_extra,
+                                 shards=shards, load_config=load_config, overrides=OVERRIDES)
 
 
 def read_manifest(cache_dir: Path) -> dict:
@@ -118,11 +127,9 @@ def golden_losses(bundle_dir: Path, root: Path, api=None) -> dict[str, list[floa
                         location=str(bundle_dir), load_t5=teacher.load_t5, columns=columns,
                         sample_prompts=api.sample_prompts(cache_dir, cfg.sample_num_prompts), tracking_uri=uri,
                         run_id=run_id, vae_scale_factor=manifest["vae_scale_factor"],
-                        max_sequence_length=manifest["text"]["max_sequence_length"], **api.spec_extra)
-    needed = sorted({c for pair in columns for c in pair} | {"prompt_embeds", "pooled_prompt_embeds"})
-    shard = LocalShard(cache_dir, [f"{c}{s}" for c in needed for s in ("", "_shape", "_dtype")])
+                        max_sequence_length=manifest["text"]["max_sequence_length"], **api.spec_extra(cache_dir))
     reports: list[dict] = []
-    with single_worker(shard, reports):
+    with single_worker(api.shards(cache_dir, columns), reports):
         result = api.train_loop(dict(spec.__dict__))
     assert result["step"] == NUM_STEPS and [r["step"] for r in reports] == [NUM_STEPS], (result, reports)
     keys = sorted(k for k in client.get_run(run_id).data.metrics if k.startswith("loss/"))

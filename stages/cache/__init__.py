@@ -14,36 +14,47 @@ Steps (SWD.md section 4, "Training inputs"; DESIGN.md "Data formats"):
    whole Dataset (`DataContext.max_errored_blocks` would instead drop the whole block, good samples
    included), and a corrupt header mid-file silently ends the shard.
 3. Decode on CPU (`map_batches`, stages/cache/encoder.py `decode_images`): image -> upright RGB ->
-   centre-crop to a square (`pipeline.samples.square_image`, the image decoder of every stage) ->
-   I_i = area(image -> pixels of s[i]), I_im1 = area(I_i -> pixels of s[i-1]) with s[-1] := s[0]
-   (`pipeline.swd.inputs.scale_images`). Bytes that are not an image and images smaller than the
-   largest scale are rejects; captions were checked by the reader (missing, empty, not UTF-8).
+   centre-crop to a square (`pipeline.samples.square_image`, the image decoder of every stage), kept
+   as uint8 (3 S^2 bytes a row through the object store). Bytes that are not an image and images
+   smaller than the largest scale are rejects; captions were checked by the reader (missing, empty,
+   not UTF-8).
 4. Encode (`map_batches` with the callable class `TeacherEncoder` on an `ActorPoolStrategy` pool,
    one GPU per actor where the cluster has GPUs): each actor loads the teacher's VAE and text
-   encoders once (`pipeline.teacher.load_bundle`); z_i = (E(I_i) - shift) * scaling, the same for
-   z_im1 (posterior mode by default, see `Config.posterior`); prompt_embeds and
-   pooled_prompt_embeds from `TeacherBundle.encode_prompt` (== StableDiffusion3Pipeline).
+   encoders once, not its transformer (`pipeline.teacher.load_bundle(components=("vae", "text"))`);
+   I_i = area(image -> pixels of s[i]), I_im1 = area(I_i -> pixels of s[i-1]) with s[-1] := s[0]
+   (`pipeline.swd.inputs.scale_images`, on the actor's CPU); z_i = (E(I_i) - shift) * scaling, the
+   same for z_im1 where s[i-1] != s[i] (elsewhere z_im1_i == z_i, not stored; posterior mode by
+   default, see `Config.posterior`); prompt_embeds and pooled_prompt_embeds from
+   `TeacherBundle.encode_prompt` (== StableDiffusion3Pipeline), prompt_embeds stored packed: the
+   CLIP tokens at their own width, the T5 tokens only when there is a T5 encoder
+   (`pipeline.latent_cache.TextLayout`). The prompt "" is encoded once per encoder identity (a Ray
+   task with an encoder's resources, text encoders only; kept in the shared dir).
 5. `write_parquet` partitioned by shard key into the scratch dir; each shard's directory is then
    moved into the shared dir and committed by its `shard.json` (rows, rejects). Up to
    `max_shards_per_write` shards per Ray Data execution (one round, stages/cache/rounds.py
    `encode_shards`), so a killed run keeps finished rounds.
-6. Output: `cache.json` (encoder identity, scales, columns, rows, per-shard parquet dirs, `text`:
-   T5 loaded, T5 tokens and the encoder files' digest, which distill checks against its teacher,
-   fingerprint) and `rejects.jsonl`; rows/s and rejects by reason go to the stage's MLflow run (the
+6. Output: `cache.json` (encoder identity, scales, stored columns and the implied ones, the text
+   layout, rows, per-shard parquet dirs, `text`: T5 loaded, T5 tokens and the encoder files' digest,
+   which distill checks against its teacher, fingerprint), `uncond.safetensors` (prompt_embeds and
+   pooled_prompt_embeds of "", `pipeline.latent_cache.read_uncond`) and `rejects.jsonl`; rows/s and rejects by reason go to the stage's MLflow run (the
    graph logs both files). The stage fails, after committing the shards and logging
    `rejects.jsonl`, when the rejected fraction exceeds `max_bad_fraction` or no sample is usable.
 
 Reading the cache (the `distill` stage): `pipeline.latent_cache.read_cache(cache_dir)` ->
 `ray.data.Dataset` (`ray.data.read_parquet` over the listed shard dirs); `decode_batch` /
 `decode_row` turn rows back into torch tensors (`z` / `z_im1`: one [B, C, s_i, s_i] tensor per
-scale index i).
+scale index i, the implied z_im1_i filled from z_i; prompt_embeds as the encoders made it);
+`read_uncond(cache_dir)` gives the embedding of "".
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
+import shutil
 import time
+import uuid
 from pathlib import Path
 from typing import ClassVar, Literal
 
@@ -52,17 +63,18 @@ from pydantic import Field
 from pipeline import samples
 from pipeline.config import Section
 from pipeline.context import StageContext
-from pipeline.latent_cache import CACHE_FILE, FORMAT_VERSION, tensor_names, vae_scale_factor
-from pipeline.resources import actor_device, check_actor_dtype, gpus_per_actor
+from pipeline.latent_cache import CACHE_FILE, FORMAT_VERSION, UNCOND_FILE, implied_columns, stored_columns, \
+    vae_scale_factor
+from pipeline.resources import actor_device, check_actor_dtype, gpus_per_actor, worker_runtime_env
 from pipeline.samples import REASONS
 from stages.cache.rounds import encode_shards
 from stages.cache.shard_keys import DATA_DIR, SHARD_FILE, EncoderSpec, Shard, encoder_identity, is_committed, \
     shard_key, stat_shard
 
-VERSION = "2"
+VERSION = "3"
 SECTIONS = ("cache", "swd", "teacher")
 REJECTS_FILE = "rejects.jsonl"
-OUTPUTS = (CACHE_FILE, REJECTS_FILE)
+OUTPUTS = (CACHE_FILE, REJECTS_FILE, UNCOND_FILE)
 
 # Why a sample or a shard was skipped (counted per reason, listed in rejects.jsonl): REASONS, from
 # pipeline.samples (the reasons of every stage).
@@ -123,6 +135,8 @@ def run(ctx: StageContext) -> None:
     identity = encoder_identity(directory, spec)
     shared = Path(ctx.shared_dir)
 
+    uncond = write_uncond(spec, identity, cfg, gpus, shared, ctx.output_dir / UNCOND_FILE)
+
     # step 1: the synthesize stage's listing (image shards + generated ones) when it ran, else the shards stage's
     listing_dir = ctx.inputs.get("synthesize") or ctx.inputs["shards"]
     shards = [stat_shard(url) for url in shard_urls(listing_dir, "train")]
@@ -165,8 +179,14 @@ def run(ctx: StageContext) -> None:
         # what the prompt embeddings are made of: distill refuses a cache whose text differs from its teacher's
         "text": {**text, "encoder_digest": identity["digest"]},
         "pixel_sides": spec.pixel_sides,
-        "columns": tensor_names(len(scales)),
+        "columns": stored_columns(scales),
         "tensor_columns": "<name> (bytes, little-endian), <name>_shape (list<int32>), <name>_dtype (string)",
+        # not stored: equal to their source (I_im1 == I_i where s[i-1] == s[i]); decode_batch fills them
+        "implied_columns": implied_columns(scales),
+        # prompt_embeds stored packed: the CLIP block [clip_tokens, clip_width], then the T5 block
+        # [t5_tokens, width] only when t5; _shape [clip_tokens + t5_tokens, width, clip_tokens, clip_width]
+        "text_layout": uncond["text_layout"],
+        "uncond": {k: v for k, v in uncond.items() if k != "text_layout"},
         "num_rows": total_rows,
         "num_rejects": len(rejects),
         "rejects_by_reason": {r: n for r, n in by_reason.items() if n},
@@ -223,6 +243,36 @@ def assemble(shards: list[Shard], reused: set[str], failed: dict[str, dict], sha
                         "rows": record["rows"], "rejects": len(record["rejects"]), "reused": s.key in reused})
         rejects += record["rejects"]
     return listing, rejects
+
+
+def write_uncond(spec: EncoderSpec, identity: dict, cfg: Config, gpus: float, shared: Path, out: Path) -> dict:
+    """The prompt "" encoded once per encoder identity (a Ray task with an encoder's resources, text
+    encoders only), kept as `<shared>/uncond-<digest>.safetensors` and copied to `out`. Returns the
+    manifest's record of it (file, dtype, shapes) with the text layout."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    text_identity = {k: identity[k] for k in ("location", "digest", "dtype", "load_t5", "max_sequence_length")}
+    digest = hashlib.sha256(json.dumps([FORMAT_VERSION, text_identity], sort_keys=True).encode()).hexdigest()[:16]
+    kept = shared / f"uncond-{digest}.safetensors"
+    if not kept.is_file():
+        import ray
+
+        from stages.cache.encoder import encode_uncond
+
+        task = ray.remote(num_cpus=cfg.num_cpus_per_encoder, num_gpus=gpus, runtime_env=worker_runtime_env())
+        result = ray.get(task(encode_uncond).remote(spec))
+        shared.mkdir(parents=True, exist_ok=True)
+        tmp = shared / f".tmp-uncond-{digest}-{uuid.uuid4().hex[:8]}"
+        save_file({k: result[k] for k in ("prompt_embeds", "pooled_prompt_embeds")}, str(tmp),
+                  metadata={"prompt": "", "text_layout": json.dumps(result["text_layout"], sort_keys=True)})
+        os.replace(tmp, kept)
+    shutil.copyfile(kept, out)
+    with safe_open(str(out), "pt") as f:
+        layout = json.loads(f.metadata()["text_layout"])
+    tensors = load_file(str(out))
+    return {"file": UNCOND_FILE, "prompt": "", "dtype": str(tensors["prompt_embeds"].dtype).removeprefix("torch."),
+            **{f"{k}_shape": list(v.shape) for k, v in tensors.items()}, "text_layout": layout}
 
 
 # ----------------------------------------------------------------------------- private helpers

@@ -5,21 +5,26 @@ Steps (SWD.md section 4; DESIGN.md "Ray usage" and "DeepSpeed"):
    needs (a full-resolution baseline needs the largest scale only) and was made with this teacher's
    text settings, the scales fit the teacher (patch size, latent side, feature block), a warm-start
    `init_student` holds a LoRA adapter that fits `swd.student` (`init_student_problems`; its content
-   joins the fingerprint). It reads the prompts of the sample grid from the cache.
-2. `TorchTrainer(worker.train_loop, datasets={"train": read_cache(...)})` with `ScalingConfig` from
+   joins the fingerprint). It reads the prompts of the sample grid and the "" prompt's embedding
+   (`read_uncond`, stored once by the cache stage) from the cache.
+2. `TorchTrainer(worker.train_loop, datasets={"scale_<i>": read_cache(...), ...})`: one dataset per
+   scale index (`checks.scale_datasets`; steps that read the same columns share one), each reading only
+   that scale's z_i / z_im1_i and the text embeddings (`checks.dataset_columns`; the Parquet read is
+   pruned to them), with `ScalingConfig` from
    this section (CPUs not given to the workers stay with Ray Data), `RunConfig(name, storage_path)`
    (storage under the stage's scratch dir unless `storage_path` is set), `FailureConfig(max_failures)`,
    `CheckpointConfig(num_to_keep)`.
-3. Each worker (`worker.Trainer`): loads the teacher bundle, encodes the "" prompt once, builds the
+3. Each worker (`worker.Trainer`): loads the teacher's transformer only (rank 0 also the VAE, to decode
+   the sample grid; no text encoder anywhere: the cache holds every embedding), builds the
    networks (`pipeline.swd.build_networks`: student G = teacher + LoRA, fake score F + GAN head D)
    and one DeepSpeed engine per trained network (each its own config dict, ZeRO `zero_stage`,
    `precision`: bf16-mixed = bf16 base, fp32 LoRA / GAN head, fp32 all-reduce; bf16; fp32; AdamW,
    gradient clipping); the teacher has no engine. It resumes from `ray.train.get_checkpoint()` when
-   there is one: engine states, step counter, data position. Otherwise, with `init_student`, the
+   there is one: engine states, step counter, data position per scale dataset. Otherwise, with `init_student`, the
    student LoRA starts from that adapter (`load_student_lora`, before the engines are built) instead
    of B = 0; the fake network starts afresh either way.
-4. Per generator step at scale index i (`choose_scale_index`): `fake_updates_per_step` updates of
-   F on fresh batches (student output without grad: no gradient reaches G), then one update of G
+4. Per generator step at scale index i (`choose_scale_index`, the same on every rank; every batch
+   of the step comes from scale i's dataset): `fake_updates_per_step` updates of F on fresh batches (student output without grad: no gradient reaches G), then one update of G
    with `generator_loss` (F called as `fake_engine.module` with its parameters frozen: no gradient
    reaches F). Every loss is checked on all ranks before its backward: a non-finite loss is skipped
    on every rank and counted; `max_nonfinite_steps` steps in a row stop the run with a clear error.
@@ -56,7 +61,7 @@ from pipeline.context import StageContext
 from pipeline.student_export import SCHEDULE_FILE, STUDENT_DIR, adapter_digest
 from stages.distill import faults
 
-VERSION = "2"
+VERSION = "3"  # 3: one dataset per scale index (a step reads its scale only), the cache's "" embedding
 SECTIONS = ("distill", "swd", "teacher")
 SUMMARY_FILE = "distill.json"
 OUTPUTS = (STUDENT_DIR, SCHEDULE_FILE, SUMMARY_FILE)
@@ -135,7 +140,7 @@ def external_fingerprint(sections: dict) -> list | None:
 
 
 def run(ctx: StageContext) -> None:
-    from pipeline.latent_cache import read_manifest
+    from pipeline.latent_cache import read_manifest, read_uncond
     from pipeline.student_export import init_student_adapter, init_student_problems, schedule_record
     from pipeline.teacher import bundle_location, resolve_pretrained
     from stages.distill import checks
@@ -160,6 +165,7 @@ def run(ctx: StageContext) -> None:
         distill=cfg.model_dump(mode="json"), swd=swd.model_dump(mode="json"), location=str(directory),
         load_t5=teacher.load_t5, max_sequence_length=text["max_sequence_length"], columns=columns,
         sample_prompts=checks.sample_prompts(ctx.inputs["cache"], cfg.sample_num_prompts),
+        uncond={k: t.float().numpy() for k, t in zip(checks.TEXT_COLUMNS, read_uncond(ctx.inputs["cache"]))},
         tracking_uri=ctx.tracking_uri, run_id=ctx.run_id, vae_scale_factor=manifest.get("vae_scale_factor", 8),
         faults=faults.Faults.from_env(), init_student=init_adapter,
     )
@@ -220,13 +226,15 @@ def fit(spec, cache_dir: str | Path, storage_path: str, name: str, cfg: Config):
 
     from pipeline.latent_cache import read_cache
     from pipeline.resources import worker_runtime_env
+    from stages.distill.checks import dataset_columns, scale_datasets
     from stages.distill.worker import train_loop
 
     resources = {"CPU": cfg.num_cpus_per_worker}
     if cfg.use_gpu:
         resources["GPU"] = cfg.num_gpus_per_worker
-    needed = sorted({c for pair in spec.columns for c in pair} | {"prompt_embeds", "pooled_prompt_embeds"})
-    dataset = read_cache(cache_dir, columns=[f"{c}{s}" for c in needed for s in ("", "_shape", "_dtype")])
+    # One dataset per scale index: a step reads its own scale's columns only.
+    datasets = {name: read_cache(cache_dir, columns=dataset_columns(pair))
+                for name, pair in dict(zip(scale_datasets(spec.columns), spec.columns)).items()}
     trainer = TorchTrainer(
         train_loop, train_loop_config=spec.__dict__,
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker=resources),
@@ -236,7 +244,7 @@ def fit(spec, cache_dir: str | Path, storage_path: str, name: str, cfg: Config):
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.num_checkpoints_to_keep),
             worker_runtime_env=worker_runtime_env(),
         ),
-        datasets={"train": dataset},
+        datasets=datasets,
     )
     try:
         return trainer.fit()

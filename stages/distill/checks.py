@@ -27,10 +27,28 @@ def cache_columns(scales: list[int], cache_scales: list[int]) -> list[tuple[str,
     return out
 
 
+TEXT_COLUMNS = ("prompt_embeds", "pooled_prompt_embeds")
+
+
+def scale_datasets(columns: list) -> list[str]:
+    """Per scale index, the name of the Ray dataset its batches come from: `scale_<j>`, j the first
+    scale index that reads the same cache columns (`cache_columns`), so a step reads only its own
+    scale's latents and a full-resolution baseline (every step the same columns) reads one dataset."""
+    first: dict[tuple, int] = {}
+    return [f"scale_{first.setdefault(tuple(pair), i)}" for i, pair in enumerate(columns)]
+
+
+def dataset_columns(pair) -> list[str]:
+    """The stored columns one scale's dataset reads: its z_i and z_im1_i (`cache_columns`), the text
+    embeddings, each as bytes, shape and dtype (the rest of the row is never read)."""
+    names = [*dict.fromkeys(pair), *TEXT_COLUMNS]
+    return [f"{c}{s}" for c in names for s in ("", "_shape", "_dtype")]
+
+
 def check_cache_text(manifest: dict, directory: Path, teacher) -> dict:
     """The cache's prompt embeddings were made as this teacher config makes them: the same text encoders
-    (files), T5 loaded or not, the same T5 length. The "" prompt the workers encode for CFG must match
-    them. Returns the text settings; ValueError naming the key otherwise."""
+    (files), T5 loaded or not, the same T5 length (the cache's "" embedding for CFG, `read_uncond`, was
+    made by the same encoders). Returns the text settings; ValueError naming the key otherwise."""
     from pipeline.latent_cache import encoder_digest
     from pipeline.teacher import text_settings
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pipeline.resources import DEFAULT_BUCKET_ELEMENTS, bucket_elements
 from stages.distill import Config
 from stages.distill.checkpoint import Checkpointer
+from stages.distill.checks import TEXT_COLUMNS, scale_datasets
 from stages.distill.faults import Faults
 from stages.distill.metrics import Metrics, say
 
@@ -26,6 +27,7 @@ class LoopSpec:
     load_t5: bool | str                 # teacher.load_t5: true, false or "auto"
     columns: list                       # per scale index: (z column, z_im1 column) in the cache
     sample_prompts: dict                # prompts + their embeddings, for the sample grid
+    uncond: dict                        # the "" prompt's embeddings (the cache's `read_uncond`), for CFG
     tracking_uri: str
     run_id: str
     vae_scale_factor: int
@@ -80,8 +82,11 @@ class Trainer:
         self.bf16 = self.cfg.precision == "bf16" or (self.cfg.precision == "auto" and self.cfg.use_gpu)
         self.mixed = self.cfg.precision == "bf16-mixed"  # bf16 base, fp32 trained weights, fp32 engines
         torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
-        self.state = {"step": 0, "epoch": 0, "batches_in_epoch": 0, "nonfinite_generator": 0, "nonfinite_fake": 0,
-                      "nonfinite_in_a_row": 0, "attempts": 0, "train_s": 0.0, "images": 0}
+        # Per scale index the dataset its batches come from (`checks.scale_datasets`, as the driver named them).
+        self.datasets = scale_datasets(spec.columns)
+        self.state = {"step": 0, "data": {name: {"epoch": 0, "batches_in_epoch": 0} for name in self.datasets},
+                      "nonfinite_generator": 0, "nonfinite_fake": 0, "nonfinite_in_a_row": 0, "attempts": 0,
+                      "train_s": 0.0, "images": 0}
         self.checkpointer = Checkpointer(self.rank, self.cfg.zero_stage, self.swd.student.full_finetune, self.faults)
         self.faults.started(self.rank)
 
@@ -96,8 +101,9 @@ class Trainer:
         checkpoint = self.checkpointer.latest()
         if checkpoint is not None:  # the loop state first: the data position decides what to skip
             self.state.update(self.checkpointer.loop_state(checkpoint))
-        # Ray Data starts streaming (tens of seconds on a busy machine) while the models load.
-        batches = Prefetch(self.batches()) if self.state["step"] < cfg.num_steps else iter(())
+        # Ray Data starts streaming every scale's dataset (tens of seconds on a busy machine) while the models load.
+        self.streams = ({name: Prefetch(self.batches(name)) for name in dict.fromkeys(self.datasets)}
+                        if self.state["step"] < cfg.num_steps else {})
         self.build(warm_start=checkpoint is None)
         if checkpoint is not None:
             self.checkpointer.restore(checkpoint, self.engines)
@@ -112,8 +118,8 @@ class Trainer:
             i = choose_scale_index(step - 1, len(self.swd.schedule.scales), self.swd.scale_index,
                                    self.generator(step, 99))
             parts: dict[str, float] = {"scale_index": float(i)}
-            fake_ok = self.fake_updates(step, i, batches, parts)
-            generator_ok = self.generator_update(step, i, batches, parts)
+            fake_ok = self.fake_updates(step, i, parts)
+            generator_ok = self.generator_update(step, i, parts)
             dt = time.monotonic() - t0
             self.state["step"] = step
             self.state["train_s"] += dt
@@ -167,20 +173,15 @@ class Trainer:
         # bf16 engines hold bf16 weights (fp32 master copies of the trained ones in the optimiser):
         # load the teacher in bf16 then, so a large teacher and its fake copy fit before partitioning.
         dtype = "bfloat16" if self.bf16 or self.mixed else "float32"
+        # The cache holds every prompt embedding, the "" one included: no text encoder is loaded. The
+        # transformer only, and on rank 0 the VAE, which decodes the sample grid.
+        components = ("transformer", "vae") if self.rank == 0 else ("transformer",)
         bundle = load_bundle(self.spec.location, dtype, str(self.device), True, self.spec.load_t5,
-                             self.spec.max_sequence_length)
-        with torch.no_grad():
-            self.uncond = TextCond(*(t.float() for t in bundle.encode_prompt([""])))
-        p = self.spec.sample_prompts
-        self.sample_cond = TextCond(torch.tensor(p["prompt_embeds"], device=self.device),
-                                    torch.tensor(p["pooled_prompt_embeds"], device=self.device))
+                             self.spec.max_sequence_length, components=components)
+        self.uncond, self.sample_cond = (
+            TextCond(*(torch.tensor(texts[k], dtype=torch.float32, device=self.device) for k in TEXT_COLUMNS))
+            for texts in (self.spec.uncond, self.spec.sample_prompts))
         self.vae_decode = bundle.decode_latents if self.rank == 0 else None
-        # The cache holds the prompt embeddings: drop the text encoders (and the VAE off rank 0).
-        for name in ("text_encoder", "text_encoder_2", "text_encoder_3") + (("vae",) if self.rank else ()):
-            setattr(bundle, name, None)
-            setattr(bundle.pipeline, name, None)
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
         torch.manual_seed(self.cfg.seed)  # PEFT draws LoRA A from the global generator: the same on every rank and run
         nets = build_networks(bundle.transformer, self.swd)
         self.warm_started = warm_start and self.spec.init_student is not None
@@ -217,31 +218,42 @@ class Trainer:
 
     # ---------------------------------------------------------------- data
 
-    def batches(self):
-        """Batches of this worker's shard forever, epoch after epoch; the position (epoch, batches
-        consumed in it) is part of the loop state, so a resumed run skips what the checkpoint consumed
-        (the rows behind a position may differ: Ray Data's split is dynamic)."""
+    def batches(self, name: str):
+        """Batches of this worker's shard of one scale's dataset forever, epoch after epoch, each as
+        (epoch, batches of that epoch taken with it, batch). A resumed run skips what the checkpoint's
+        position of this dataset had consumed (the rows behind a position may differ: Ray Data's split is
+        dynamic). The position moves when the step takes a batch (`take`), not when one is fetched: the
+        prefetched first batch of a scale not yet trained is not counted."""
         import ray.train
 
-        shard = ray.train.get_dataset_shard("train")
+        shard = ray.train.get_dataset_shard(name)
         collate = _collate_fn()
+        position = self.state["data"][name]
+        epoch, skip = position["epoch"], position["batches_in_epoch"]
+        # Each scale's dataset shuffles with its own seed (scale_0's is the one-dataset loop's seed).
+        seed = self.cfg.seed + self.rank + 1_000_000 * int(name.removeprefix("scale_"))
         while True:
-            skip, yielded = self.state["batches_in_epoch"], False
+            yielded = False
             for j, batch in enumerate(shard.iter_torch_batches(
                     batch_size=self.cfg.batch_size_per_worker, drop_last=True, collate_fn=collate,
                     local_shuffle_buffer_size=self.cfg.shuffle_buffer_rows or None,
-                    local_shuffle_seed=self.cfg.seed + 1000 * self.state["epoch"] + self.rank)):
+                    local_shuffle_seed=seed + 1000 * epoch)):
                 yielded = True
                 if j < skip:
                     continue
-                self.state["batches_in_epoch"] = j + 1
-                yield batch
+                yield epoch, j + 1, batch
             if not yielded:
                 raise RuntimeError(f"distill: worker {self.rank} got no full batch of "
-                                   f"{self.cfg.batch_size_per_worker} rows from the cache; it needs at least "
-                                   f"batch_size_per_worker x num_workers rows")
-            self.state["epoch"] += 1
-            self.state["batches_in_epoch"] = 0
+                                   f"{self.cfg.batch_size_per_worker} rows from the cache ({name}); it needs at "
+                                   f"least batch_size_per_worker x num_workers rows")
+            epoch, skip = epoch + 1, 0
+
+    def take(self, i: int) -> dict:
+        """The next batch of scale index i's dataset; its position (epoch, batches taken in it) moves on."""
+        name = self.datasets[i]
+        epoch, taken, batch = next(self.streams[name])
+        self.state["data"][name] = {"epoch": epoch, "batches_in_epoch": taken}
+        return batch
 
     def inputs(self, batch: dict, i: int, generator):
         import torch
@@ -258,7 +270,7 @@ class Trainer:
 
     # ---------------------------------------------------------------- one generator step
 
-    def fake_updates(self, step: int, i: int, batches, parts: dict) -> bool:
+    def fake_updates(self, step: int, i: int, parts: dict) -> bool:
         """`fake_updates_per_step` updates of F at scale index i on fresh batches (the student's sample
         without grad: no gradient reaches G); their mean terms into `parts`. False when one was skipped."""
         import torch
@@ -270,7 +282,7 @@ class Trainer:
         ok, sums = True, {}
         for k in range(self.cfg.fake_updates_per_step):
             g = self.generator(step, k)
-            inp, z, cond = self.inputs(next(batches), i, g)
+            inp, z, cond = self.inputs(self.take(i), i, g)
             with torch.no_grad():
                 x = x0_hat(self.student.module, inp.x_in, inp.sigma, cond)
             loss, terms = fake_loss(self.fake, x, z, cond, self.swd, generator=g)
@@ -289,13 +301,13 @@ class Trainer:
         parts.update({k: v / self.cfg.fake_updates_per_step for k, v in sums.items()})
         return ok
 
-    def generator_update(self, step: int, i: int, batches, parts: dict) -> bool:
+    def generator_update(self, step: int, i: int, parts: dict) -> bool:
         """One update of G with `generator_loss` (F called as `fake_engine.module` with its parameters
         frozen: no gradient reaches F); its terms and grad norm into `parts`. False when skipped."""
         from pipeline.swd import Networks, frozen, generator_loss, x0_hat
 
         g = self.generator(step, 100)
-        inp, z, cond = self.inputs(next(batches), i, g)
+        inp, z, cond = self.inputs(self.take(i), i, g)
         x = x0_hat(self.student, inp.x_in, inp.sigma, cond)
         networks = Networks(student=self.student.module, fake=None if self.fake is None else self.fake.module,
                             frozen_teacher=self.nets.frozen_teacher)
@@ -348,10 +360,12 @@ class Trainer:
     # ---------------------------------------------------------------- what the loop reports
 
     def counters(self) -> dict:
-        """The metrics logged with the interval's means: learning rates, skip counts, epoch."""
+        """The metrics logged with the interval's means: learning rates, skip counts, epoch (the furthest
+        of the scale datasets': under `cycle` they differ by at most one)."""
         out = {"lr/student": float(self.student.get_lr()[0]),
                "nonfinite/generator_skipped": self.state["nonfinite_generator"],
-               "nonfinite/fake_skipped": self.state["nonfinite_fake"], "epoch": self.state["epoch"]}
+               "nonfinite/fake_skipped": self.state["nonfinite_fake"],
+               "epoch": max(p["epoch"] for p in self.state["data"].values())}
         if self.fake is not None:
             out["lr/fake"] = float(self.fake.get_lr()[0])
         return out
