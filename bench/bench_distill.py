@@ -3,6 +3,15 @@ training loop against a bare single-process PyTorch loop with the same networks,
 settings and batches (tiny bundle, a synthetic latent cache), side by side in one run.
 
     python bench/bench_distill.py [--steps 24] [--warmup 6] [--zero-stage 2] [--json out.json]
+    python bench/bench_distill.py --bytes   # bytes distill reads per step: tiny default and SD3.5-M
+
+`--bytes` prints what one worker reads from the cache per generator step (batch x (1 + fake updates)
+rows): before, every batch carried every scale's columns; now a step reads its scale's dataset only
+(`checks.dataset_columns`), averaged over the `cycle` schedule. The tiny default's figures are the
+Parquet column chunks of a synthetic cache (bytes on disk, compressed, and uncompressed); SD3.5-Medium's
+(4-step: latent sides 64, 80, 96, 128 x 16 channels; 333 text tokens x 4096, CLIP 77 x 2048; pooled
+2048; bf16) are computed from the cache layout (`latent_cache` format 2: z_im1_0 not stored, CLIP
+block at its own width), without the ~100 bytes of _shape / _dtype columns per row.
 
 Both run with one torch thread (a worker holds one CPU; the other feeds Ray Data) and passive OpenMP
 waits. Steps/s is steady state: wall time from the end of step `warmup` to the end of the last step
@@ -123,6 +132,7 @@ def ray_loop(bundle_dir: Path, cache_dir: Path, root: Path, cfg, swd, teacher, s
         distill=cfg.model_dump(mode="json"), swd=swd.model_dump(mode="json"), location=str(bundle_dir),
         load_t5=teacher.load_t5, columns=checks.cache_columns(swd.schedule.scales, manifest["scales"]),
         sample_prompts=checks.sample_prompts(cache_dir, cfg.sample_num_prompts), tracking_uri=uri, run_id=run_id,
+        uncond={k: t.float().numpy() for k, t in zip(checks.TEXT_COLUMNS, latent_cache.read_uncond(cache_dir))},
         vae_scale_factor=4)
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"PYTHONPATH": str(Path(__file__).resolve().parent.parent)}})
@@ -140,6 +150,75 @@ def ray_loop(bundle_dir: Path, cache_dir: Path, root: Path, cfg, swd, teacher, s
             "fit_total_s": total_s, "startup_and_end_s": total_s - wall * (warmup + steps) / steps}
 
 
+def read_bytes(columns: list, row_bytes: dict[str, float], rows_per_step: int) -> dict:
+    """Bytes one worker reads per generator step, `row_bytes` per stored column name: "before" (one
+    dataset of every column any step uses) and "after" (per scale index its own dataset; the mean over
+    the cycle and each scale's), with the share saved."""
+    def per_row(names):
+        return sum(row_bytes[n] for n in names if n in row_bytes)
+
+    union = sorted({c for pair in columns for c in pair})
+    before = per_row(checks.dataset_columns(union))
+    after = [per_row(checks.dataset_columns(pair)) for pair in columns]
+    mean = sum(after) / len(after)
+    return {"rows_per_step": rows_per_step, "before_per_row": before, "after_per_row_by_scale": after,
+            "after_per_row": mean, "before_per_step": before * rows_per_step, "after_per_step": mean * rows_per_step,
+            "saved": 1 - mean / before}
+
+
+def parquet_column_bytes(cache_dir: Path) -> tuple[dict[str, float], dict[str, float]]:
+    """Per column of the cache's Parquet files: (bytes on disk, uncompressed bytes) per row."""
+    import pyarrow.parquet as pq
+
+    disk, raw, rows = {}, {}, 0
+    for f in sorted((cache_dir / "data").glob("*.parquet")):
+        meta = pq.ParquetFile(f).metadata
+        rows += meta.num_rows
+        for g in range(meta.num_row_groups):
+            group = meta.row_group(g)
+            for c in range(group.num_columns):
+                col = group.column(c)
+                name = col.path_in_schema.split(".")[0]
+                disk[name] = disk.get(name, 0) + col.total_compressed_size
+                raw[name] = raw.get(name, 0) + col.total_uncompressed_size
+    return {k: v / rows for k, v in disk.items()}, {k: v / rows for k, v in raw.items()}
+
+
+def sd35_medium_column_bytes(scales=(64, 80, 96, 128), channels=16, clip=(77, 2048), t5=(256, 4096), pooled=2048,
+                             element=2) -> dict[str, float]:
+    """Tensor bytes per row of each stored column of an SD3.5-Medium cache (bf16; format 2)."""
+    out = {f"z_{i}": channels * s * s * element for i, s in enumerate(scales)}
+    out.update({f"z_im1_{i}": channels * scales[i - 1] ** 2 * element for i in range(1, len(scales))
+                if scales[i - 1] != scales[i]})
+    out["prompt_embeds"] = (clip[0] * clip[1] + t5[0] * t5[1]) * element
+    out["pooled_prompt_embeds"] = pooled * element
+    return out
+
+
+def bytes_report(cfg, swd) -> dict:
+    """`--bytes`: bytes read per step, tiny default (measured from Parquet) and SD3.5-Medium 4-step (computed)."""
+    rows_per_step = cfg.batch_size_per_worker * (1 + cfg.fake_updates_per_step)
+    with tempfile.TemporaryDirectory(prefix="bench-distill-bytes-") as tmp:
+        root = Path(tmp)
+        bundle_dir = tiny.build_bundle(root / "bundle")
+        cache_dir = tiny.synthetic_cache(root / "cache", bundle_dir, 64, swd.schedule.scales)
+        scales = json.loads((cache_dir / latent_cache.CACHE_FILE).read_text())["scales"]
+        disk, raw = parquet_column_bytes(cache_dir)
+    columns = checks.cache_columns(swd.schedule.scales, scales)
+    sd35 = [64, 80, 96, 128]
+    sd35_rows = 8 * (1 + 5)  # cluster/profiles/sd35-medium-4step.yaml: batch 8, 5 fake updates
+    out = {"tiny_disk": read_bytes(columns, disk, rows_per_step), "tiny_uncompressed": read_bytes(columns, raw, rows_per_step),
+           "sd35_medium_4step": read_bytes(checks.cache_columns(sd35, sd35), sd35_medium_column_bytes(sd35), sd35_rows)}
+    for name, r in out.items():
+        unit, scale = ("MB", 1e6) if name.startswith("sd35") else ("kB", 1e3)
+        print(f"[bench] {name}: {r['rows_per_step']} rows/step/worker; per row {r['before_per_row'] / scale:.3f} -> "
+              f"{r['after_per_row'] / scale:.3f} {unit} (by scale: "
+              f"{', '.join(f'{b / scale:.3f}' for b in r['after_per_row_by_scale'])}); per step "
+              f"{r['before_per_step'] / scale:.1f} -> {r['after_per_step'] / scale:.1f} {unit} "
+              f"({100 * r['saved']:.1f}% less)", flush=True)
+    return out
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=24, help="timed generator steps (after the warm-up)")
@@ -149,6 +228,7 @@ def main() -> int:
                         help="rows of the synthetic cache (default: one epoch spans the run, as the embedded "
                              "default's 4096-row cache spans ~85 steps; Ray Data restarts its read every epoch)")
     parser.add_argument("--json", type=Path, help="write the figures here")
+    parser.add_argument("--bytes", action="store_true", help="only report the bytes distill reads per step")
     parser.add_argument("overrides", nargs="*", help="config overrides (key.sub=value), e.g. distill.batch_size_per_worker=4")
     args = parser.parse_args()
     if args.steps % args.warmup:
@@ -159,6 +239,11 @@ def main() -> int:
                  *([f"distill.zero_stage={args.zero_stage}"] if args.zero_stage is not None else []), *args.overrides]
     full = load_config(overrides=overrides)
     cfg, swd, teacher = full.distill, full.swd, full.teacher
+    if args.bytes:
+        result = bytes_report(load_config(overrides=args.overrides).distill, swd)
+        if args.json:
+            args.json.write_text(json.dumps(result, indent=1) + "\n")
+        return 0
     with tempfile.TemporaryDirectory(prefix="bench-distill-") as tmp:
         root = Path(tmp)
         bundle_dir = tiny.build_bundle(root / "bundle")

@@ -34,9 +34,8 @@ def main(argv: list[str], load_config: Callable) -> int:
     except config_mod.ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_CONFIG
-    uri = tracking.tracking_uri(cfg)
     try:
-        tracking.check_reachable(uri, cfg.tracking.connect_timeout_s)
+        uri = tracking.reachable_uri(cfg)
     except tracking.TrackingError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_TRACKING

@@ -78,9 +78,8 @@ def main(argv: list[str] | None = None) -> int:
             print(schedule.describe(cfg, slot))
         return 0
 
-    uri = tracking.tracking_uri(cfg)
     try:
-        tracking.check_reachable(uri, cfg.tracking.connect_timeout_s)
+        uri = tracking.reachable_uri(cfg)
     except tracking.TrackingError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_TRACKING

@@ -66,6 +66,14 @@ def check_reachable(uri: str, timeout_s: float) -> None:
             raise TrackingError(f"tracking.uri {uri}: {db.parent} is not writable")
 
 
+def reachable_uri(cfg) -> str:
+    """The configured tracking URI, checked reachable (and the credentials accepted) within
+    `tracking.connect_timeout_s`; TrackingError otherwise."""
+    uri = tracking_uri(cfg)
+    check_reachable(uri, cfg.tracking.connect_timeout_s)
+    return uri
+
+
 def client(uri: str):
     from mlflow import MlflowClient
 

@@ -453,7 +453,7 @@ def test_bfloat16_teacher_sees_the_bf16_pixels_and_matches_float32(bundle, tmp_p
         assert decoded["image"].dtype == np.uint8 and decoded["image"].shape == (3, 64, 64, 3)
         actor = encoder.TeacherEncoder(spec)
         out[dtype] = actor.forward(decoded)
-        pixels = actor.scaled_pixels(decoded["image"])
+        pixels = dict(actor.scaled_pixels(decoded["image"]))
         assert pixels["z_2"].dtype == getattr(torch, dtype)
         expected = [expected_pixels(r["image"], scales, 4)[2][0] for r in rows]
         assert torch.equal(pixels["z_2"], torch.cat(expected).to(getattr(torch, dtype)))

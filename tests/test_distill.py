@@ -11,6 +11,7 @@ import re
 import signal
 import threading
 import time
+import types
 from pathlib import Path
 
 import mlflow
@@ -20,7 +21,7 @@ import torch
 import stages
 from helpers.context import stage_context
 from helpers.stock_diffusers import check_export_in_stock_diffusers
-from pipeline import resources, tiny
+from pipeline import latent_cache, resources, tiny
 from pipeline.config import ConfigError
 from pipeline.context import StageContext
 from pipeline.student_export import LORA_WEIGHTS, init_student_adapter
@@ -105,6 +106,89 @@ def test_cache_columns_map_the_schedule_and_name_what_is_missing():
     with pytest.raises(ValueError, match=r"holds scales \[8, 10, 12, 16\].*swd scales \[8, 12\].*step 1: side 12 "
                                          r"after 8.*re-run the cache stage"):
         checks.cache_columns([8, 12], [8, 10, 12, 16])
+
+
+def test_each_scale_index_reads_a_dataset_of_its_own_columns():
+    scalewise = checks.cache_columns([8, 10, 12, 16], [8, 10, 12, 16])
+    assert checks.scale_datasets(scalewise) == ["scale_0", "scale_1", "scale_2", "scale_3"]
+    # The full-resolution baseline reads the same columns at every step: one dataset.
+    assert checks.scale_datasets(checks.cache_columns([16, 16, 16, 16], [8, 10, 12, 16])) == ["scale_0"] * 4
+    text = ["prompt_embeds", "prompt_embeds_shape", "prompt_embeds_dtype", "pooled_prompt_embeds",
+            "pooled_prompt_embeds_shape", "pooled_prompt_embeds_dtype"]
+    assert checks.dataset_columns(("z_1", "z_im1_1")) == [
+        "z_1", "z_1_shape", "z_1_dtype", "z_im1_1", "z_im1_1_shape", "z_im1_1_dtype", *text]
+    assert checks.dataset_columns(("z_0", "z_0")) == ["z_0", "z_0_shape", "z_0_dtype", *text]
+
+
+def test_fit_gives_the_trainer_one_dataset_per_scale_reading_only_its_columns(tmp_path, ray_local, inputs, monkeypatch):
+    import ray.train.torch
+
+    seen = {}
+
+    class Trainer:  # stands in for TorchTrainer: what fit hands it
+        def __init__(self, *args, datasets, **kwargs):
+            seen.update(datasets)
+
+        def fit(self):
+            return "fitted"
+
+    monkeypatch.setattr(ray.train.torch, "TorchTrainer", Trainer)
+    cfg = load_config(overrides=FAST)
+    manifest = json.loads((inputs["cache"] / "cache.json").read_text())
+    spec = types.SimpleNamespace(columns=checks.cache_columns(cfg.swd.schedule.scales, manifest["scales"]))
+    assert distill.fit(spec, inputs["cache"], str(tmp_path), "n", cfg.distill) == "fitted"
+    assert sorted(seen) == ["scale_0", "scale_1", "scale_2", "scale_3"]
+    for i, name in enumerate(checks.scale_datasets(spec.columns)):
+        assert seen[name].schema().names == checks.dataset_columns(spec.columns[i]), name
+    batch = latent_cache.decode_batch(seen["scale_2"].take_batch(2, batch_format="pyarrow"))
+    assert sorted(k for k in batch if isinstance(batch[k], torch.Tensor)) == [
+        "pooled_prompt_embeds", "prompt_embeds", "z_2", "z_im1_2"]
+
+
+class FakeShard:
+    """`get_dataset_shard(name)`: 3 batches an epoch, each naming its dataset and index; records the shuffle seeds."""
+
+    def __init__(self, name: str, seeds: list):
+        self.name, self.seeds = name, seeds
+
+    def iter_torch_batches(self, batch_size, drop_last, collate_fn, local_shuffle_buffer_size, local_shuffle_seed):
+        self.seeds.append((self.name, local_shuffle_seed))
+        for j in range(3):
+            yield f"{self.name}/{j}"
+
+
+def loop_data(monkeypatch, state: dict | None = None):
+    """A worker's data side only (no networks): per-scale streams over FakeShards, from `state`'s position."""
+    import ray.train
+
+    seeds: list = []
+    monkeypatch.setattr(ray.train, "get_dataset_shard", lambda name: FakeShard(name, seeds))
+    trainer = worker.Trainer.__new__(worker.Trainer)
+    trainer.cfg, trainer.rank = distill.Config(seed=5, batch_size_per_worker=2, shuffle_buffer_rows=0), 0
+    trainer.datasets = checks.scale_datasets([("z_0", "z_0"), ("z_1", "z_im1_1")])
+    trainer.state = state or {"data": {n: {"epoch": 0, "batches_in_epoch": 0} for n in trainer.datasets}}
+    trainer.streams = {n: worker.Prefetch(trainer.batches(n)) for n in trainer.datasets}
+    for stream in trainer.streams.values():
+        stream.thread.join()  # every scale's first batch fetched
+    return trainer, seeds
+
+
+def test_the_data_position_is_per_scale_moves_when_a_step_takes_a_batch_and_resume_skips_it(monkeypatch):
+    trainer, seeds = loop_data(monkeypatch)
+    fresh = {"epoch": 0, "batches_in_epoch": 0}
+    assert trainer.state["data"] == {"scale_0": fresh, "scale_1": fresh}  # prefetched, not taken: not consumed
+    assert [trainer.take(0) for _ in range(4)] == ["scale_0/0", "scale_0/1", "scale_0/2", "scale_0/0"]
+    assert trainer.take(1) == "scale_1/0"
+    state = json.loads(json.dumps(trainer.state))  # as the checkpoint keeps it
+    assert state["data"] == {"scale_0": {"epoch": 1, "batches_in_epoch": 1}, "scale_1": {"epoch": 0, "batches_in_epoch": 1}}
+    # Every scale's dataset shuffles with its own seed per epoch (scale_0: seed + 1000 x epoch + rank, as before).
+    assert sorted(seeds) == [("scale_0", 5), ("scale_0", 1005), ("scale_1", 1_000_005)]
+    resumed, seeds = loop_data(monkeypatch, state)
+    assert [resumed.take(0), resumed.take(1), resumed.take(1), resumed.take(1)] == [
+        "scale_0/1", "scale_1/1", "scale_1/2", "scale_1/0"]
+    assert resumed.state["data"] == {"scale_0": {"epoch": 1, "batches_in_epoch": 2},
+                                     "scale_1": {"epoch": 1, "batches_in_epoch": 1}}
+    assert sorted(seeds) == [("scale_0", 1005), ("scale_1", 1_000_005), ("scale_1", 1_001_005)]
 
 
 def test_stage_refuses_a_cache_without_the_schedules_scales(tmp_path, inputs):

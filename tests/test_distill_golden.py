@@ -138,8 +138,19 @@ def golden_losses(bundle_dir: Path, root: Path, api=None) -> dict[str, list[floa
 
 
 def test_distill_losses_match_the_recorded_curve(tmp_path, tiny_bundle):
+    from pipeline import teacher
+
     golden = json.loads(GOLDEN_FILE.read_text())
-    losses = golden_losses(tiny_bundle, tmp_path)
+    loaded, load_bundle = [], teacher.load_bundle
+
+    def recording(*args, components=teacher.COMPONENTS, **kwargs):
+        loaded.append(tuple(components))
+        return load_bundle(*args, components=components, **kwargs)
+
+    with mock.patch.object(teacher, "load_bundle", recording):
+        losses = golden_losses(tiny_bundle, tmp_path)
+    # The worker (rank 0) loads no text encoder (the cache holds the "" embedding); the VAE decodes the grid.
+    assert loaded[-1] == ("transformer", "vae"), loaded
     assert {"loss/generator_total", "loss/fake_total"} <= set(losses)
     assert sorted(losses) == sorted(golden["losses"]), "the loop logs other loss terms than were recorded"
     for key, expected in golden["losses"].items():

@@ -3,10 +3,10 @@
 
 from __future__ import annotations
 
-import ast
 from pathlib import Path
 
 from conftest import REPO_ROOT
+from pipeline.code_version import imported_modules
 
 ENTRY_POINT = "pipeline.run"
 
@@ -17,21 +17,8 @@ def module_name(path: Path) -> str:
 
 
 def imports(path: Path, name: str | None = None) -> set[str]:
-    """Every module `path` (module `name`) imports (absolute names; relative imports resolved), anywhere in it."""
-    name = name or module_name(path)
-    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
-    found = set()
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
-        if isinstance(node, ast.Import):
-            found |= {a.name for a in node.names}
-        elif isinstance(node, ast.ImportFrom):
-            base = node.module or ""
-            if node.level:
-                parts = package.split(".")[: len(package.split(".")) - node.level + 1]
-                base = ".".join(parts + ([node.module] if node.module else []))
-            found.add(base)
-            found |= {f"{base}.{a.name}" for a in node.names}
-    return found
+    """Every repository module `path` (module `name`) imports, anywhere in it (relative imports resolved)."""
+    return imported_modules(path, name or module_name(path))
 
 
 def stage_of(module: str) -> str | None:

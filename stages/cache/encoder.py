@@ -14,6 +14,7 @@ stored packed (`pipeline.latent_cache.TextLayout`). The actors load the VAE and 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 
 from pipeline import samples
@@ -34,12 +35,20 @@ def image_pixels(data: bytes):
 
 
 def pixels_tensor(pixels):
-    """uint8 [S, S, 3] -> float32 [1, 3, S, S] in [-1, 1] (a channels-last view, as it always was:
-    the area resize of `scale_images` then sums in the same order)."""
+    """uint8 [S, S, 3] -> float32 [1, 3, S, S] in [-1, 1]: u / 127.5 - 1 of each level u, computed once
+    in float32 (`_levels`) and looked up, so exactly `u.float() / 127.5 - 1.0`; a channels-last view of
+    [S, S, 3] as it always was (the area resize then threads over output pixels, not over 3 planes)."""
     import numpy as np
     import torch
 
-    return torch.from_numpy(np.array(pixels, copy=True)).permute(2, 0, 1).unsqueeze(0).float() / 127.5 - 1.0
+    return torch.from_numpy(_levels()[np.asarray(pixels, dtype=np.uint8)]).permute(2, 0, 1).unsqueeze(0)
+
+
+@functools.cache
+def _levels():
+    import torch
+
+    return (torch.arange(256, dtype=torch.uint8).float() / 127.5 - 1.0).numpy()
 
 
 def image_tensor(data: bytes):
@@ -139,36 +148,40 @@ class TeacherEncoder:
 
     def forward(self, batch: dict) -> dict:
         """The encoders alone: z_i of every scale i, z_im1_i where s[i-1] != s[i], prompt_embeds,
-        pooled_prompt_embeds."""
+        pooled_prompt_embeds. On a GPU the CPU resizes of the next scale overlap the VAE on this one
+        (kernels run asynchronously; pixels go up from pinned memory)."""
         import torch
 
         keys = [str(k) for k in batch["key"]]
         tensors = {}
         with torch.inference_mode():
-            for name, pixels in self.scaled_pixels(batch["image"]).items():
-                tensors[name] = self.latents(pixels, keys, name)
             prompt_embeds, pooled = self.bundle.encode_prompt([str(p) for p in batch["prompt"]])
+            for name, pixels in self.scaled_pixels(batch["image"]):
+                tensors[name] = self.latents(self._to_device(pixels), keys, name)
         tensors["prompt_embeds"], tensors["pooled_prompt_embeds"] = prompt_embeds, pooled
         return tensors
 
-    def scaled_pixels(self, images) -> dict:
-        """uint8 crops -> {z column: [B, 3, p, p] pixels in the encoder dtype}: I_i for z_i and I_im1 for
-        the stored z_im1_i (`scale_images`, per image on the CPU, as the decode tasks did before)."""
+    def scaled_pixels(self, images):
+        """uint8 crops -> (z column, [B, 3, p, p] pixels in the encoder dtype) per stored latent, scale by
+        scale: I_i for z_i, then I_im1 for z_im1_i where it is stored (`scale_images` per image on the
+        CPU, each image contiguous in the encoder dtype, as the decode tasks made them before)."""
         import torch
 
         from pipeline.swd.inputs import scale_images
 
         dtype = getattr(torch, self.spec.dtype)
-        out: dict[str, list] = {}
-        with torch.no_grad():
-            for pixels in images:
-                image = pixels_tensor(pixels)
-                for i in range(len(self.spec.scales)):
-                    image_i, image_im1 = scale_images(image, self.spec.scales, i, self.spec.vae_scale_factor)
-                    out.setdefault(f"z_{i}", []).append(image_i[0].to(dtype).contiguous())
-                    if f"z_im1_{i}" not in self.implied:
-                        out.setdefault(f"z_im1_{i}", []).append(image_im1[0].to(dtype).contiguous())
-        return {k: torch.stack(v) for k, v in out.items()}
+        full = [pixels_tensor(p) for p in images]
+        for i in range(len(self.spec.scales)):
+            with torch.no_grad():
+                pairs = [scale_images(x, self.spec.scales, i, self.spec.vae_scale_factor) for x in full]
+            yield f"z_{i}", torch.stack([image_i[0].to(dtype).contiguous() for image_i, _ in pairs])
+            if f"z_im1_{i}" not in self.implied:
+                yield f"z_im1_{i}", torch.stack([image_im1[0].to(dtype).contiguous() for _, image_im1 in pairs])
+
+    def _to_device(self, pixels):
+        if self.bundle.vae.device.type != "cuda":
+            return pixels
+        return pixels.pin_memory().to(self.bundle.vae.device, non_blocking=True)
 
     def latents(self, pixels, keys: list[str], name: str):
         """(E(pixels) - shift_factor) * scaling_factor, as the SD3 pipelines normalise latents."""
