@@ -301,9 +301,10 @@ def decode_batch(batch, scales=None) -> dict:
     {"key": [...], "prompt": [...], "z": [[B, C, s_i, s_i] per scale], "z_im1": [...],
     "prompt_embeds": [B, L, D], "pooled_prompt_embeds": [B, P], and every tensor column by name}.
 
-    Implied columns (z_im1_i == z_i, not stored) are filled with the z_i tensor itself: z_im1_0 whenever
-    z_0 is in the batch, z_im1_i (i > 0) when z_i and z_{i-1} are and have the same side, or, given the
-    manifest's `scales`, wherever s[i-1] == s[i]."""
+    Implied columns (z_im1_i == z_i, not stored) are filled with the z_i tensor itself: z_im1_0 when z_0
+    and other latents are in the batch (a read of z_0 alone, as distill's scale-0 read, gets none, as
+    before), z_im1_i (i > 0) when z_i and z_{i-1} are and have the same side, or, given the manifest's
+    `scales`, wherever s[i-1] == s[i] and z_i is in the batch."""
     import torch
 
     if hasattr(batch, "to_pydict"):  # pyarrow
@@ -334,9 +335,11 @@ def _fill_implied(out: dict, scales=None) -> None:
             continue
         if implied is not None:
             fill = name in implied
+        elif i == 0:
+            fill = len(present) > 1 or any(n.startswith("z_im1_") for n in out)
         else:
             prev = out.get(f"z_{i - 1}")
-            fill = i == 0 or (prev is not None and prev.shape[-2:] == out[f"z_{i}"].shape[-2:])
+            fill = prev is not None and prev.shape[-2:] == out[f"z_{i}"].shape[-2:]
         if fill:
             out[name] = out[f"z_{i}"]
 

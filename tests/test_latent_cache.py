@@ -149,6 +149,10 @@ def test_decode_batch_fills_implied_latents_only_where_they_are_implied():
     assert "z_im1_1" not in pruned  # z_0 not read: whether s[0] == s[1] is not known ...
     known = latent_cache.decode_batch(table.select(["key", "z_1", "z_1_shape", "z_1_dtype"]), scales=[8, 8, 12])
     assert known["z_im1_1"] is known["z_1"]  # ... unless the manifest's scales are given
+    # distill's scale-0 read (z_0 and the text): nothing added to what it asked for, as with format 1
+    alone = latent_cache.decode_batch(table.select(["key", "z_0", "z_0_shape", "z_0_dtype"]))
+    assert sorted(alone) == ["key", "z", "z_0"]
+    assert latent_cache.decode_batch(table.select(["z_0", "z_0_shape", "z_0_dtype"]), scales=[8, 8, 12])["z_im1_0"] is not None
 
 
 def test_packed_prompt_embeds_round_trip_and_refuse_to_drop_non_zeros():
