@@ -481,11 +481,12 @@ class Model:
         cache, t = self.cfg.cache, self.t
         px = max(self.scales) * t.vae_scale_factor
         b = cache.batch_size
+        # the encoder actors load the VAE and the text encoders only (load_bundle components)
         lines = [Line("VAE + text encoders (teacher dtype)", t.encoder_bytes / GIB),
-                 Line("transformer (load_bundle loads it; the stage never runs it)", self.counts.total * t.dtype_bytes / GIB),
                  Line(f"VAE encode of {b} images at {px} px", self.vae_bytes(px, b, "encode") / GIB),
-                 Line(f"pixels in: {b} x every scale (teacher dtype)",
-                      b * 3 * sum((s * t.vae_scale_factor) ** 2 for s in self.scales) * 2 * t.dtype_bytes / GIB)]
+                 Line(f"pixels: {b} uint8 squares in (host), every scale's pair on the GPU (teacher dtype)",
+                      b * 3 * (px ** 2 + sum((s * t.vae_scale_factor) ** 2 for s in self.scales) * 2 * t.dtype_bytes)
+                      / GIB)]
         if t.t5_loaded and "text_encoder_3" in t.text_encoders:
             width = t.text_encoders["text_encoder_3"]["width"]
             lines.append(Line(f"T5 forward of {b} prompts", b * t.t5_tokens * width * 2.5 * 4 * t.dtype_bytes / GIB))
@@ -528,22 +529,27 @@ class Model:
     # ------------------------------------------------------------------ bytes
 
     def row_tensors(self) -> dict[str, int]:
-        """Elements of every tensor of one cache row (pipeline.latent_cache.tensor_names' layout)."""
-        from pipeline.latent_cache import tensor_names
+        """Bytes of every tensor part of one cache row, as the cache stores it (pipeline.latent_cache:
+        implied z_im1 columns not stored, CLIP text at its own width, no T5 zeros)."""
+        from pipeline.latent_cache import row_bytes
 
-        t, c = self.t, self.t.latent_channels
-        out = {}
-        for name in tensor_names(len(self.scales)):
-            if name.startswith("z_im1_"):
-                i = int(name.rsplit("_", 1)[1])
-                out[name] = c * self.scales[max(i - 1, 0)] ** 2
-            elif name.startswith("z_"):
-                out[name] = c * self.scales[int(name.rsplit("_", 1)[1])] ** 2
-            elif name == "prompt_embeds":
-                out[name] = t.text_tokens * int(t.transformer["joint_attention_dim"])
-            elif name == "pooled_prompt_embeds":
-                out[name] = int(t.transformer["pooled_projection_dim"])
-        return out
+        t = self.t
+        clip_width = sum(int(e["width"] or 0) for name, e in t.text_encoders.items() if name != "text_encoder_3")
+        joint = int(t.transformer["joint_attention_dim"])
+        storage = self.cfg.cache.storage_dtype or self.cfg.teacher.dtype
+        parts = row_bytes(self.scales, t.latent_channels, t.clip_tokens, clip_width or joint, t.t5_tokens, joint,
+                          int(t.transformer["pooled_projection_dim"]), storage, t5=t.t5_loaded)
+        parts.pop("total")
+        return parts
+
+    def latent_bytes_of_scale(self, i: int) -> int:
+        """z_i and z_im1_i of scale index i as stored (z_im1_i is implied when the previous side is the same)."""
+        from pipeline.latent_cache import DTYPE_BYTES as CACHE_DTYPE_BYTES, implied_columns
+
+        storage = self.cfg.cache.storage_dtype or self.cfg.teacher.dtype
+        c, s = self.t.latent_channels, self.scales
+        z_im1 = 0 if f"z_im1_{i}" in implied_columns(s) else c * s[max(i - 1, 0)] ** 2
+        return (c * s[i] ** 2 + z_im1) * CACHE_DTYPE_BYTES[storage]
 
     def rows(self) -> int | None:
         data = self.cfg.data
@@ -551,26 +557,22 @@ class Model:
 
     def bytes_section(self) -> dict:
         storage = self.cfg.cache.storage_dtype or self.cfg.teacher.dtype
-        sb = DTYPE_BYTES[storage]
         tensors = self.row_tensors()
-        row = sum(tensors.values()) * sb
-        text = (tensors.get("prompt_embeds", 0) + tensors.get("pooled_prompt_embeds", 0)) * sb
+        row = sum(tensors.values())
+        text = tensors["prompt_embeds"] + tensors["pooled_prompt_embeds"]
         rows = self.rows()
         totals = {str(rows): rows * row} if rows else {str(n): n * row for n in ROWS_UNKNOWN}
         d = self.cfg.distill
-        # distill reads every column of the schedule (not z_im1_0 when it repeats z_0), the text, for every row
-        read_names = {"prompt_embeds", "pooled_prompt_embeds"} | {f"z_{i}" for i in range(len(self.scales))} | \
-                     {f"z_im1_{i}" for i in range(1, len(self.scales))}
-        read = sum(v for k, v in tensors.items() if k in read_names) * sb
-        per_scale = [(tensors[f"z_{i}"] + (tensors[f"z_im1_{i}"] if i else 0)) * sb + text for i in range(len(self.scales))]
-        used = sum(per_scale) / len(per_scale)
+        # a step reads the text and the latents of the one scale it trains (one dataset per scale)
+        per_scale = [self.latent_bytes_of_scale(i) + text for i in range(len(self.scales))]
+        read = used = sum(per_scale) / len(per_scale)
         rows_per_step = (1 + (d.fake_updates_per_step if self.full else 0)) * d.batch_size_per_worker * d.num_workers
         trained = self.trainable_student + self.trainable_fake
         state = trained * (4 + 12)  # fp32 weights + AdamW m, v and the fp32 master partition, summed over ranks
         return {
             "storage_dtype": storage,
             "row_bytes": row, "row_text_bytes": text, "row_latent_bytes": row - text,
-            "row_tensors": {k: v * sb for k, v in tensors.items()},
+            "row_tensors": tensors,
             "rows": rows, "total_bytes": totals,
             "distill_rows_per_step": rows_per_step,
             "distill_read_bytes_per_step": rows_per_step * read,
