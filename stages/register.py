@@ -41,7 +41,7 @@ from pipeline.eval_record import CANONICAL_METRICS, HIGHER_IS_BETTER, METRICS_FI
 from pipeline.generate import MODEL_CODE
 from pipeline.student_export import SCHEDULE_FILE, STUDENT_DIR
 
-VERSION = "2"
+VERSION = "3"  # 3: the registered model ships pipeline/ only (pipeline.generate.student_pyfunc)
 SECTIONS = ("register", "teacher")
 RESULT_FILE = "registration.json"
 OUTPUTS = (RESULT_FILE,)
