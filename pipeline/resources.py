@@ -55,9 +55,11 @@ def check_actor_dtype(dtype: str, gpus: float, what: str, gpus_key: str) -> None
 # size moves its gradients in one collective with no larger buffer.
 DEFAULT_BUCKET_ELEMENTS = 500_000_000
 MIN_BUCKET_ELEMENTS = 1 << 20  # tiny engines: no point in many micro-collectives
+BUCKET_ALIGNMENT = 16  # ZeRO-1/2 refuse an all-gather bucket that is not a multiple of NCCL's alignment (2)
 
 
 def bucket_elements(trainable_params: int) -> int:
-    """A DeepSpeed engine's ZeRO reduce / all-gather bucket: its trainable parameter count, within
-    DeepSpeed's default and a 1M-element floor."""
-    return int(min(DEFAULT_BUCKET_ELEMENTS, max(MIN_BUCKET_ELEMENTS, trainable_params)))
+    """A DeepSpeed engine's ZeRO reduce / all-gather bucket: its trainable parameter count (an odd one
+    with a GAN head's bias: rounded up to the alignment), within DeepSpeed's default and a 1M floor."""
+    aligned = -(-int(trainable_params) // BUCKET_ALIGNMENT) * BUCKET_ALIGNMENT
+    return int(min(DEFAULT_BUCKET_ELEMENTS, max(MIN_BUCKET_ELEMENTS, aligned)))

@@ -207,6 +207,8 @@ def test_config_defaults_follow_swd_md_and_bf16_needs_a_gpu():
     assert worker.ds_config(cfg, cfg.lr, 2, False, trainable_params=40_000_000)["zero_optimization"] == {
         "stage": 2, "reduce_bucket_size": 40_000_000, "allgather_bucket_size": 40_000_000}
     assert resources.bucket_elements(10) == resources.MIN_BUCKET_ELEMENTS
+    # the Medium profile's fake engine trains an odd count (GAN head bias): DeepSpeed wants it aligned
+    assert resources.bucket_elements(78_261_125) == 78_261_136 and 78_261_136 % 16 == 0
     assert resources.bucket_elements(10**10) == resources.DEFAULT_BUCKET_ELEMENTS
     zero3 = worker.ds_config(cfg.model_copy(update={"zero_stage": 3}), cfg.lr, 2, False, trainable_params=2**21)
     assert zero3["zero_optimization"] == {"stage": 3, "reduce_bucket_size": 2**21}

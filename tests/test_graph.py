@@ -97,7 +97,7 @@ def test_failed_stage_leaves_no_committed_output(workdir, toy_env, monkeypatch):
 def test_sigkilled_stage_is_never_mistaken_for_finished(workdir, toy_env, tmp_path):
     ready = tmp_path / "ready"
     env = {**os.environ, "TOY_READY": str(ready), "PYTHONPATH": f"{REPO_ROOT}{os.pathsep}{REPO_ROOT / 'tests'}"}
-    proc = subprocess.Popen([sys.executable, str(REPO_ROOT / "tests" / "toy_stages.py"), f"workdir={workdir}"],
+    proc = subprocess.Popen([sys.executable, str(REPO_ROOT / "tests" / "helpers" / "toy_stages.py"), f"workdir={workdir}"],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 120
     while not ready.exists():
@@ -127,7 +127,7 @@ def toy_process(workdir, tmp_path, name: str, **env) -> tuple[subprocess.Popen, 
     ready = tmp_path / f"ready-{name}"
     env = {**os.environ, "TOY_READY": str(ready), "PYTHONPATH": f"{REPO_ROOT}{os.pathsep}{REPO_ROOT / 'tests'}",
            **{k.upper(): str(v) for k, v in env.items()}}
-    proc = subprocess.Popen([sys.executable, str(REPO_ROOT / "tests" / "toy_stages.py"), f"workdir={workdir}"],
+    proc = subprocess.Popen([sys.executable, str(REPO_ROOT / "tests" / "helpers" / "toy_stages.py"), f"workdir={workdir}"],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     return proc, ready
 

@@ -221,7 +221,8 @@ def champion_model(root: Path) -> Path:
     transformer, swd.student's default rank, alpha and target modules)."""
     from pipeline import tiny
     from pipeline.swd.config import StudentConfig
-    from pipeline.swd.networks import build_student, save_student
+    from pipeline.student_export import save_student
+    from pipeline.swd.networks import build_student
 
     model = root / "student"
     (model / "artifacts" / "export").mkdir(parents=True)
