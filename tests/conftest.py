@@ -22,15 +22,20 @@ SMALL_DATA = [
 ]
 
 
-# Fixtures that make a test an integration test: it starts or joins a real Ray cluster. Such tests
-# are marked `slow`, so `python -m pytest -m "not slow"` is the inner loop of pure-torch, config,
-# graph and format tests; CI and the README run everything.
-INTEGRATION_FIXTURES = ("ray_local",)
+# Integration tests are marked `slow`, so `python -m pytest -m "not slow"` is the inner loop of
+# pure-torch, config, graph, format and plan tests; CI and the README run everything. A test is an
+# integration test when it starts or joins a real Ray cluster or a real `mlflow server` (these
+# fixtures), or lives in a module that drives the pipeline's processes end to end (these modules:
+# `pipeline/run.py` as a subprocess, the scheduled runs, a browser on the MLflow UI).
+INTEGRATION_FIXTURES = ("ray_local", "mlflow_server", "auth_server")
+INTEGRATION_MODULES = ("test_cli", "test_mlflow_ui", "test_registry_auth", "test_schedule")
 
 
 def pytest_collection_modifyitems(config, items):
     for item in items:
-        if any(name in getattr(item, "fixturenames", ()) for name in INTEGRATION_FIXTURES):
+        module = getattr(item, "module", None)
+        if any(name in getattr(item, "fixturenames", ()) for name in INTEGRATION_FIXTURES) or \
+                (module is not None and module.__name__.rpartition(".")[2] in INTEGRATION_MODULES):
             item.add_marker(pytest.mark.slow)
 
 
