@@ -62,22 +62,41 @@ def recent_runs(mlc, experiment: str, last: int) -> list | None:
 
 
 def render(runs: list) -> str:
-    """Two tables: canonical metrics per run, then the config keys that differ between the runs."""
+    """Two tables: canonical metrics per run (with their 95% intervals where the evaluation logged them,
+    and the paired differences' intervals), then the config keys that differ between the runs. An FD or
+    FID column is shown only when every run that has it measured it under the same protocol."""
     import time
+
+    from pipeline.bootstrap import is_real
+    from pipeline.eval_record import INTERVAL_PAIRS, interval_of
 
     metrics = canonical_metrics()
     names = [r.info.run_id[:8] for r in runs]
+    refused = protocol_conflicts(runs, metrics)
+    metrics = tuple(m for m in metrics if m not in refused)
+    diffs = tuple(f"{a}_minus_{b}_{m}" for a, b in INTERVAL_PAIRS for m in ("adherence", "fd")
+                  if f"{a}_minus_{b}_{m}" not in refused)
     rows = []
     for r in runs:
         started = time.strftime("%Y-%m-%d %H:%M", time.localtime(r.info.start_time / 1000))
-        rows.append([r.info.run_id[:8], started, r.info.status,
-                     *[_fmt(r.data.metrics.get(m)) for m in metrics]])
-    shown = [i for i, m in enumerate(metrics) if any(row[3 + i] != "-" for row in rows)]
-    headers = ["run", "started", "status", *[metrics[i] for i in shown]]
+        values = r.data.metrics
+        cells = [_fmt(values.get(m)) + _interval(interval_of(values, m)) if m in values else "-" for m in metrics]
+        for d in diffs:
+            ci = interval_of(values, d)
+            cells.append("-" if ci is None else f"[{ci[0]:.4g}, {ci[1]:.4g}] {'real' if is_real(*ci) else 'not real'}")
+        rows.append([r.info.run_id[:8], started, r.info.status, *cells])
+    columns = [*metrics, *(f"{d} 95% CI" for d in diffs)]
+    shown = [i for i in range(len(columns)) if any(row[3 + i] != "-" for row in rows)]
+    headers = ["run", "started", "status", *[columns[i] for i in shown]]
     table = [[*row[:3], *[row[3 + i] for i in shown]] for row in rows]
     out = ["## metrics", format_table(headers, table)]
     if not shown:
         out.append("(no canonical metrics yet: these runs did not reach the evaluate stage)")
+    elif any("_ci95_" in k for r in runs for k in r.data.metrics):
+        out.append("[low, high]: paired bootstrap 95% interval over the eval prompts; a difference is real when its "
+                   "interval excludes 0.")
+    for metric, why in refused.items():
+        out.append(f"refused: {metric} not compared: {why}")
 
     diff = config_differences([r.data.params for r in runs])
     out += ["", "## config differences"]
@@ -88,6 +107,28 @@ def render(runs: list) -> str:
     else:
         out.append(format_table(["key", *names], [[k, *vals] for k, vals in diff.items()]))
     return "\n".join(out)
+
+
+def protocol_conflicts(runs: list, metrics: tuple[str, ...]) -> dict[str, str]:
+    """{metric: why} for each FD / FID metric (and FD difference) that runs measured under different
+    protocols (`fd_protocol_id` / `fid_protocol_id`; a run without the id counts as its own unknown protocol)."""
+    out = {}
+    guarded = [m for m in metrics if m.endswith(("_fd", "_fid"))] + \
+        [f"{a}_minus_{b}_fd" for a, b in (("student", "teacher"), ("baseline", "student"))]
+    for m in guarded:
+        kind = "fid" if m.endswith("_fid") else "fd"
+        have = [r for r in runs if m in r.data.metrics or f"{m}_ci95_low" in r.data.metrics]
+        ids = {r.info.run_id[:8]: r.data.metrics.get(f"{kind}_protocol_id") for r in have}
+        if len(set(ids.values())) > 1:
+            listed = ", ".join(f"{run} {'unknown' if i is None else format(int(i), 'x')}" for run, i in ids.items())
+            out[m] = (f"the runs measured it under different {kind.upper()} protocols ({listed}); see each evaluate "
+                      f"run's {kind}_protocol tag or metrics.json 'protocols' (extractor, weights, resize, side, "
+                      f"samples, reference)")
+    return out
+
+
+def _interval(ci) -> str:
+    return "" if ci is None else f" [{ci[0]:.4g}, {ci[1]:.4g}]"
 
 
 def config_differences(params: list[dict[str, Any]]) -> dict[str, list[str]]:

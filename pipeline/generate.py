@@ -40,6 +40,9 @@ class GeneratorSpec:
     teacher_num_steps: int = 28
     guidance_scale: float = 1.0
     latent_side: int | None = None  # the teacher's output latent side
+    # A student's sampler ablations (pipeline.swd.sampler.sample_scalewise; the defaults are SwD):
+    upsample: str = "bicubic"  # bicubic | nearest: how the latent moves to the next scale
+    upsample_source: str = "clean"  # clean | noisy: upsample the clean estimate or the re-noised latent
 
 
 class Generator:
@@ -91,7 +94,8 @@ class Generator:
         with torch.inference_mode():
             if self.spec.student_dir:
                 return sample_scalewise(self.transformer, cond, self.scales, self.sigmas, generator=generator,
-                                        return_steps=return_steps, noise=noise)
+                                        return_steps=return_steps, noise=noise, upsample=self.spec.upsample,
+                                        upsample_source=self.spec.upsample_source)
             return sample_teacher(self.transformer, cond, self.uncond, self.sigmas, self.scales[-1],
                                   guidance_scale=self.guidance_scale, generator=generator, noise=noise)
 

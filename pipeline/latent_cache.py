@@ -245,8 +245,10 @@ def read_cache(cache_dir: str | Path, columns: list[str] | None = None, **read_p
     dirs = [e["dir"] for e in manifest["shards"] if e["rows"]]
     if not dirs:
         raise ValueError(f"cache {cache_dir}: no rows (rejects by reason: {manifest['rejects_by_reason']})")
-    ds = ray.data.read_parquet(dirs, file_extensions=["parquet"], partitioning=None, **read_parquet_args)
-    return ds.select_columns(stored_names(columns, manifest)) if columns else ds
+    # The column list goes to the Parquet reader itself: only those column chunks are read from storage.
+    if columns:
+        read_parquet_args["columns"] = stored_names(columns, manifest)
+    return ray.data.read_parquet(dirs, file_extensions=["parquet"], partitioning=None, **read_parquet_args)
 
 
 def stored_names(columns: list[str], manifest: dict) -> list[str]:

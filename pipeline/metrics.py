@@ -17,12 +17,15 @@
   TF Lite builder). Loaded with `torch.load(weights_only=True)` only.
   This is *not* FID: numbers are comparable only with each other (same extractor, same reference
   set, same sample count; the estimate is biased upward for small sample counts).
-- `InceptionFeatures`: the hook for real FID. `evaluate.inception_weights` names a TorchScript
-  Inception-v3 of the kind StyleGAN2-ADA and clean-fid use (`inception-2015-12-05.pt`): called as
-  `model(x, return_features=True)` with x float32 [B, 3, 299, 299] in [0, 255] -> [B, 2048] pool3.
-- `ClipScorer`: CLIPScore (Hessel et al. 2021) with weight 100 as torchmetrics defines it:
-  100 * max(cos(E_image, E_text), 0) per image, from a transformers CLIP model at a local path or a
-  hub id in the local Hugging Face cache (never downloaded).
+- FID (`fid_extractor`): `evaluate.inception_weights` as `.safetensors` is the standard FID, pytorch-fid's
+  FID Inception-v3 in pure torch (`pipeline/fid_inception.py`, its resize rules); a TorchScript file is the
+  older hook (`InceptionFeatures`, StyleGAN2-ADA / clean-fid `inception-2015-12-05.pt`: called as
+  `model(x, return_features=True)` with x float32 [B, 3, 299, 299] in [0, 255] -> [B, 2048] pool3).
+- `ClipScorer`: image-text cosines of a transformers CLIP model at a local path or a hub id in the local
+  Hugging Face cache (never downloaded). Two CLIP-score definitions, named in the metric:
+  `_clip_score` = torchmetrics' CLIPScore (Hessel et al. 2021, w = 100): 100 * max(cos, 0);
+  `_clip_cosine` = the released SwD evaluation's: the plain cosine (ViT-H/14). PickScore (`pickscore`):
+  the PickScore model's logit, exp(logit_scale) * cos, as the PickScore paper scores an image.
 - `adherence`: the shapes oracle (`pipeline/oracle.py`) per attribute and overall.
 - `time_batches`: latency as the median of repeated timed calls after warm-up (wall and CPU time).
 """
@@ -269,50 +272,67 @@ class InceptionFeatures:
 def check_inception_weights(spec: str) -> Path:
     path = Path(os.path.expanduser(spec))
     if not path.is_file():
-        raise MetricError(f"evaluate.inception_weights {spec!r}: no such file ({path.absolute()}); give a local "
-                          f"TorchScript Inception-v3 for FID (e.g. inception-2015-12-05.pt), set it to null, or "
-                          f"set evaluate.inception_optional=true to skip FID with a warning")
+        raise MetricError(f"evaluate.inception_weights {spec!r}: no such file ({path.absolute()}); give pytorch-fid's "
+                          f"FID Inception as .safetensors (python -m pipeline.fid_inception convert, cluster/README.md) "
+                          f"or a TorchScript Inception-v3 (.pt), set it to null, or set "
+                          f"evaluate.inception_optional=true to skip FID with a warning")
     return path
+
+
+def fid_extractor(path: str | Path, resize_rule: str, device: str = "cpu"):
+    """(features callable, protocol fields) for `evaluate.inception_weights`: a `.safetensors` is pytorch-fid's
+    FID Inception in pure torch (`pipeline.fid_inception`, `resize_rule`); anything else the TorchScript hook."""
+    from pipeline import fid_inception
+
+    if str(path).endswith(".safetensors"):
+        return (fid_inception.InceptionFeatures(path, resize_rule, device),
+                {"extractor": fid_inception.EXTRACTOR, "resize_rule": resize_rule})
+    return InceptionFeatures(path, device), {"extractor": "torchscript_inception", "resize_rule": "bicubic_antialias_299"}
 
 
 # ----------------------------------------------------------------------------- CLIP score
 
 
-def resolve_clip(spec: str) -> str:
+def resolve_clip(spec: str, key: str = "evaluate.clip_model") -> str:
     """A local directory, or a hub id found in the local Hugging Face cache -> a local directory."""
     path = Path(os.path.expanduser(spec))
+    optional = key.replace("_model", "_optional").replace("_processor", "_optional")
     if path.is_dir():
         return str(path)
     if path.exists():
-        raise MetricError(f"evaluate.clip_model {spec!r}: {path} is a file; expected a transformers CLIP directory "
+        raise MetricError(f"{key} {spec!r}: {path} is a file; expected a transformers CLIP directory "
                           f"(config.json, weights, tokenizer, preprocessor_config.json) or a hub id")
     from huggingface_hub import snapshot_download
 
     try:
         return snapshot_download(spec, local_files_only=True)
     except Exception as e:  # LocalEntryNotFoundError, HFValidationError for a path-like spec, ...
-        raise MetricError(f"evaluate.clip_model {spec!r}: no such directory ({path.absolute()}) and not a hub id in "
+        raise MetricError(f"{key} {spec!r}: no such directory ({path.absolute()}) and not a hub id in "
                           f"the local Hugging Face cache (nothing is downloaded): {type(e).__name__}; give a local CLIP "
-                          f"directory, set it to null, or set evaluate.clip_optional=true to skip the CLIP score "
+                          f"directory, set it to null, or set {optional}=true to skip that metric "
                           f"with a warning") from None
 
 
 class ClipScorer:
-    """CLIPScore per image: 100 * max(cos(image embedding, text embedding), 0)."""
+    """Image-text cosine similarities of a transformers CLIP model (state: the model and its processor),
+    from which both CLIP-score definitions and PickScore follow (`clip_scores`, `pickscore`)."""
 
-    def __init__(self, spec: str, device: str = "cpu"):
+    def __init__(self, spec: str, device: str = "cpu", key: str = "evaluate.clip_model", processor: str | None = None):
         from transformers import CLIPModel, CLIPProcessor
 
-        directory = resolve_clip(spec)
+        directory = resolve_clip(spec, key)
+        processor_dir = resolve_clip(processor, key.replace("_model", "_processor")) if processor else directory
         try:
             self.model = CLIPModel.from_pretrained(directory, local_files_only=True).eval().to(device)
-            self.processor = CLIPProcessor.from_pretrained(directory, local_files_only=True)
+            self.processor = CLIPProcessor.from_pretrained(processor_dir, local_files_only=True)
         except (OSError, ValueError) as e:
-            raise MetricError(f"evaluate.clip_model {spec!r}: could not load a CLIP model and processor from "
-                              f"{directory}: {e}") from None
+            raise MetricError(f"{key} {spec!r}: could not load a CLIP model and processor from "
+                              f"{directory} / {processor_dir}: {e}") from None
         self.device = device
+        self.logit_scale = float(self.model.logit_scale.detach().exp())
 
-    def __call__(self, images, prompts: Sequence[str]) -> np.ndarray:
+    def cosines(self, images, prompts: Sequence[str]) -> np.ndarray:
+        """cos(E_image, E_text) per (image, prompt) pair, float32 [N]."""
         import torch
 
         images = np.asarray(images)
@@ -322,7 +342,23 @@ class ClipScorer:
             out = self.model(**{k: v.to(self.device) for k, v in inputs.items()})
             img = torch.nn.functional.normalize(out.image_embeds.float(), dim=-1)
             txt = torch.nn.functional.normalize(out.text_embeds.float(), dim=-1)
-            return (100 * (img * txt).sum(-1).clamp(min=0)).cpu().numpy()
+            return (img * txt).sum(-1).cpu().numpy()
+
+    def __call__(self, images, prompts: Sequence[str]) -> np.ndarray:
+        """CLIPScore as torchmetrics defines it: 100 * max(cos, 0) per image."""
+        return clip_score_torchmetrics(self.cosines(images, prompts))
+
+
+def clip_score_torchmetrics(cosines) -> np.ndarray:
+    """torchmetrics / Hessel et al. 2021 CLIPScore with w = 100: 100 * max(cos, 0)."""
+    return 100 * np.clip(np.asarray(cosines, dtype=np.float64), 0, None)
+
+
+def pickscore(cosines, logit_scale: float) -> np.ndarray:
+    """PickScore as the PickScore paper (Kirstain et al. 2023) scores an image: the model's logit,
+    exp(logit_scale) * cos(E_image, E_text) (`logit_scale` here is already exp'd: ~100 for PickScore_v1).
+    The released SwD evaluation reports the plain cosine (`_pickscore_cosine`)."""
+    return float(logit_scale) * np.asarray(cosines, dtype=np.float64)
 
 
 # ----------------------------------------------------------------------------- adherence, latency

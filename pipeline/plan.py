@@ -674,11 +674,29 @@ class Model:
         baseline = len(self.scales) * self.fwd(side) if e.baseline else 0.0
         decode = (2 + (1 if e.baseline else 0)) * self.vae_flops(side * vsf, "decode")
         per_prompt = student + teacher + baseline + decode + self.text_flops()
+        generators = 3 if e.baseline else 2
+        per_prompt += scoring_flops_per_image(e) * (generators + (0 if e.prompts else 1))  # + the reference images
+        where = f"prompt set {Path(e.prompts).name}" if e.prompts else "eval shards"
         out["evaluate"] = _stage_time(per_prompt * prompts, e.num_actors, flops_per_s,
-                                      f"{prompts} prompts x (student, teacher{', baseline' if e.baseline else ''})")
+                                      f"{prompts} prompts ({where}) x (student, teacher{', baseline' if e.baseline else ''})"
+                                      f", generation + scoring")
         out["total_hours"] = sum(v["hours"] for v in out.values() if isinstance(v, dict))
         out["student_full_resolution_forwards"] = student / self.fwd(side)
         return out
+
+
+# Scoring FLOPs per image (forward, 2 x multiply-adds): pytorch-fid's Inception-v3 at 299 px (5.7 GMACs),
+# EfficientNet-Lite0 at 224 (0.4 GMACs), and a CLIP ViT-H/14 (image tower 632M parameters x 257 tokens,
+# text tower 354M x 77 tokens: 2 x params x tokens), once for CLIP and once for PickScore (same architecture).
+INCEPTION_FLOPS = 2 * 5.7e9
+EFFICIENTNET_FLOPS = 2 * 0.4e9
+CLIP_H14_FLOPS = 2 * (632e6 * 257 + 354e6 * 77)
+
+
+def scoring_flops_per_image(e) -> float:
+    """The configured scorers' FLOPs for one image (`evaluate.*`; the CLIP models counted as ViT-H/14)."""
+    return ((0 if e.prompts else EFFICIENTNET_FLOPS) + (INCEPTION_FLOPS if e.inception_weights else 0)
+            + CLIP_H14_FLOPS * ((1 if e.clip_model else 0) + (1 if e.pickscore_model else 0)))
 
 
 def lora_overhead(c: dict, precision: str) -> float:

@@ -17,8 +17,6 @@ import json
 import time
 from pathlib import Path
 
-import mlflow
-
 from pipeline.config import DataConfig, GeneratorConfig
 from pipeline.context import StageContext
 from pipeline.data import SHARDS_FILE, expand_shards
@@ -38,6 +36,8 @@ def external_fingerprint(sections: dict) -> list | None:
 
 
 def run(ctx: StageContext) -> None:
+    import mlflow  # here, not at the top: the Ray tasks that write shards import this module
+
     data: DataConfig = ctx.config
     mlc = mlflow.MlflowClient(ctx.tracking_uri)
     if data.train_shards is not None:
@@ -76,7 +76,7 @@ def _generate(gen: GeneratorConfig, ctx: StageContext, train: bool = True) -> di
         listing[split].append({"url": rel, "size_bytes": size, "samples": n})
         done += n
         print(f"[shards] {done}/{total} samples, {done / (time.monotonic() - start):.0f} samples/s", flush=True)
-    mlflow.MlflowClient(ctx.tracking_uri).log_metric(ctx.run_id, "samples_per_s", total / (time.monotonic() - start))
+    ctx.log.metrics({"samples_per_s": total / (time.monotonic() - start)})
     for entries in listing.values():
         entries.sort(key=lambda e: e["url"])
     return listing

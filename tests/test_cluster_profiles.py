@@ -61,3 +61,20 @@ def test_profiles_differ_only_where_the_recipe_does():
     fa, fb = flat(a), flat(b)
     assert {k for k in fa if fa[k] != fb[k]} == {"workdir", "tracking.experiment", "swd.preset",
                                                  "distill.storage_path", "register.model_name"}
+
+
+@pytest.mark.parametrize("name", sorted(PROFILES))
+def test_profile_evaluates_with_the_released_protocol(name):
+    """Issue 17: COCO 5K prompts, pytorch-fid FID at 256 px against the released statistics, CLIP ViT-H/14
+    and PickScore, every file on the shared volume; the pre-flight check names each missing one."""
+    from stages import evaluate
+
+    e = load_config([REPO_ROOT / "cluster" / "profiles" / f"{name}.yaml"]).evaluate
+    assert (e.prompts, e.prompt_column, e.max_prompts) == ("/mnt/swd/eval/coco.csv", "caption", 5008)
+    assert (e.fid_reference_stats, e.inception_weights, e.fid_resize, e.fid_image_side_px) == (
+        "/mnt/swd/eval/fid_stats_mscoco256_val.npz", "/mnt/swd/eval/fid_inception_v3.safetensors", "pytorch_fid", 256)
+    assert "ViT-H-14" in e.clip_model and e.clip_image_side_px == 512 and "PickScore_v1" in e.pickscore_model
+    assert not (e.inception_optional or e.clip_optional or e.pickscore_optional)
+    keys = [p.split(" ")[0].rstrip(":") for p in evaluate.file_problems(e)]
+    assert keys == ["evaluate.prompts", "evaluate.fid_reference_stats", "evaluate.inception_weights",
+                    "evaluate.clip_model", "evaluate.pickscore_model", "evaluate.pickscore_processor"]

@@ -145,3 +145,14 @@ def test_activation_constants_record_their_command():
     assert all(abs(v - 1) < 0.02 for v in c["fit_check"]["predicted_over_measured"].values())
     # bf16-mixed LoRA saves an fp32 copy of each adapted layer's input: ~4 bytes per input feature
     assert 3.5 < c["lora_saved_bytes_per_input_feature"]["bf16-mixed"] < 4.5
+
+
+def test_evaluate_time_includes_the_prompt_set_generation_and_scoring():
+    """Issue 17 item 5: the profiles' 5,008-prompt protocol (three scorers per image) is in the plan."""
+    from pipeline import plan
+    from stages import evaluate
+
+    protocol = evaluate.Config(prompts="coco.csv", inception_weights="w.safetensors", clip_model="c",
+                               pickscore_model="p", fid_reference_stats="r.npz")
+    assert plan.scoring_flops_per_image(protocol) == plan.INCEPTION_FLOPS + 2 * plan.CLIP_H14_FLOPS
+    assert plan.scoring_flops_per_image(evaluate.Config()) == plan.EFFICIENTNET_FLOPS

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from pipeline.bench_models import TEST, build_transformer, random_text_cond
-from pipeline.swd.sampler import TextCond, bicubic_resize, sample_scalewise, sample_teacher, x0_hat
+from pipeline.swd.sampler import TextCond, add_noise, bicubic_resize, sample_scalewise, sample_teacher, x0_hat
 from pipeline.swd.schedules import boundaries_to_sigmas, teacher_sigmas
 
 SCALES = [4, 6, 8]
@@ -104,3 +104,63 @@ def test_bicubic_resize_identity_and_upsampling():
     up = bicubic_resize(x, 8)
     assert up.shape == (2, 4, 8, 8)
     torch.testing.assert_close(up, torch.nn.functional.interpolate(x, size=(8, 8), mode="bicubic"))
+
+
+# ---- sampling-time ablations (bench/ablations.py): nearest upsampling, upsampling the noisy latent
+
+
+def _reference_scalewise(model, cond, scales, sigmas, seed, mode="bicubic"):
+    """The sampler's loop as it was before the ablation knobs (SWD.md section 3): upsample the clean
+    estimate, fresh noise at the next scale."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(BATCH, 4, scales[0], scales[0], generator=g)
+    with torch.no_grad():
+        for i in range(len(scales)):
+            x0 = x0_hat(model, x, sigmas[i], cond)
+            if i == len(scales) - 1:
+                return x0
+            x0 = (bicubic_resize(x0, scales[i + 1]) if mode == "bicubic"
+                  else torch.nn.functional.interpolate(x0, size=(scales[i + 1],) * 2, mode=mode))
+            eps = torch.randn(x0.shape, generator=g)
+            x = add_noise(x0, sigmas[i + 1], eps)
+
+
+def test_defaults_are_swd_bit_exactly(model, cond):
+    default = sample_scalewise(model, cond, SCALES, SIGMAS, generator=torch.Generator().manual_seed(11))
+    explicit = sample_scalewise(model, cond, SCALES, SIGMAS, generator=torch.Generator().manual_seed(11),
+                                upsample="bicubic", upsample_source="clean")
+    assert torch.equal(default, explicit)
+    assert torch.equal(default, _reference_scalewise(model, cond, SCALES, SIGMAS, seed=11))
+
+
+def test_nearest_upsampling_differs_and_is_nearest(model, cond):
+    bicubic = sample_scalewise(model, cond, SCALES, SIGMAS, generator=torch.Generator().manual_seed(11))
+    nearest = sample_scalewise(model, cond, SCALES, SIGMAS, generator=torch.Generator().manual_seed(11),
+                               upsample="nearest")
+    assert nearest.shape == bicubic.shape and not torch.allclose(nearest, bicubic)
+    assert torch.equal(nearest, _reference_scalewise(model, cond, SCALES, SIGMAS, seed=11, mode="nearest"))
+
+
+def test_noisy_source_upsamples_the_renoised_latent(model, cond):
+    """x_1 = bicubic((1 - sig1) x0_0 + sig1 eps), eps drawn at the first scale (4 x 4), not at the next."""
+    scales, sigmas = [4, 8], [1.0, 0.6, 0.0]
+    g = torch.Generator().manual_seed(5)
+    noise = torch.randn(BATCH, 4, 4, 4, generator=g)
+    eps = torch.randn(BATCH, 4, 4, 4, generator=g)  # the second draw, at the current scale
+    with torch.no_grad():
+        x0_0 = x0_hat(model, noise, 1.0, cond)
+        x_1 = torch.nn.functional.interpolate(0.4 * x0_0 + 0.6 * eps, size=(8, 8), mode="bicubic")
+        expected = x0_hat(model, x_1, 0.6, cond)
+    ours, steps = sample_scalewise(model, cond, scales, sigmas, generator=torch.Generator().manual_seed(5),
+                                   upsample_source="noisy", return_steps=True)
+    torch.testing.assert_close(steps[0], x0_0)
+    torch.testing.assert_close(ours, expected)
+    clean = sample_scalewise(model, cond, scales, sigmas, generator=torch.Generator().manual_seed(5))
+    assert not torch.allclose(ours, clean)
+
+
+def test_unknown_sampler_ablation_values_are_errors(model, cond):
+    with pytest.raises(ValueError, match=r"upsample: 'bilinear' .* valid: bicubic, nearest"):
+        sample_scalewise(model, cond, SCALES, SIGMAS, upsample="bilinear")
+    with pytest.raises(ValueError, match=r"upsample_source: 'x' .* valid: clean, noisy"):
+        sample_scalewise(model, cond, SCALES, SIGMAS, upsample_source="x")

@@ -58,21 +58,45 @@ def bicubic_resize(x: torch.Tensor, side: int) -> torch.Tensor:
     return F.interpolate(x, size=(side, side), mode="bicubic")
 
 
+# Sampler ablations (SWD.md section 3): how a latent moves to the next scale, and which latent moves.
+UPSAMPLE_MODES = ("bicubic", "nearest")     # bicubic: SwD; nearest: the first public release (aliasing)
+UPSAMPLE_SOURCES = ("clean", "noisy")       # clean: SwD; noisy: the paper's failure case (FID 122+ vs 14.7)
+
+
+def resize_latent(x: torch.Tensor, side: int, mode: str = "bicubic") -> torch.Tensor:
+    """Resize a latent to side x side with `mode` (UPSAMPLE_MODES); the same size is the identity."""
+    if mode == "bicubic":
+        return bicubic_resize(x, side)
+    if mode not in UPSAMPLE_MODES:
+        raise ValueError(f"upsample: {mode!r} is not an upsampling mode; valid: {', '.join(UPSAMPLE_MODES)}")
+    if x.shape[-1] == side and x.shape[-2] == side:
+        return x
+    return F.interpolate(x, size=(side, side), mode=mode)
+
+
 @torch.no_grad()
 def sample_scalewise(transformer, cond: TextCond, scales, sigmas, *, generator: torch.Generator | None = None,
                      num_channels: int | None = None, noise: torch.Tensor | None = None,
-                     return_steps: bool = False):
+                     return_steps: bool = False, upsample: str = "bicubic", upsample_source: str = "clean"):
     """The SwD sampler (SWD.md section 3): noise at the smallest scale, then per step one forward
     without CFG, bicubic upsampling of the clean estimate and fresh noise at the next sigma.
 
     `noise` (optional): the starting noise [B, C, s0, s0]; otherwise drawn from `generator`, with
     fresh noise drawn from it after each step (so one seed gives one batch of images).
+    Ablations (the defaults are SwD): `upsample="nearest"` resizes with nearest-neighbour instead of
+    bicubic; `upsample_source="noisy"` forms the next noisy latent x_{i+1} = (1 - sig[i+1]) x0 +
+    sig[i+1] eps at the current scale s[i] (eps drawn at s[i]) and upsamples that instead of x0.
     Returns the final x0 [B, C, s[-1], s[-1]] (float32), and with `return_steps` also the list of
     per-step clean estimates (a progression strip: one image per scale).
     """
     scales, sigmas = list(scales), [float(s) for s in sigmas]
     if len(sigmas) != len(scales) + 1:
         raise ValueError(f"sigmas: {sigmas} needs len(scales) + 1 = {len(scales) + 1} entries")
+    if upsample not in UPSAMPLE_MODES:
+        raise ValueError(f"upsample: {upsample!r} is not an upsampling mode; valid: {', '.join(UPSAMPLE_MODES)}")
+    if upsample_source not in UPSAMPLE_SOURCES:
+        raise ValueError(f"upsample_source: {upsample_source!r} is not a latent to upsample; valid: "
+                         f"{', '.join(UPSAMPLE_SOURCES)}")
     batch = cond.prompt_embeds.shape[0]
     device = cond.prompt_embeds.device
     if noise is None:
@@ -85,7 +109,11 @@ def sample_scalewise(transformer, cond: TextCond, scales, sigmas, *, generator: 
         steps.append(x0)
         if i == len(scales) - 1:
             break
-        x0 = bicubic_resize(x0, scales[i + 1])                           # upsample the CLEAN estimate
+        if upsample_source == "noisy":  # ablation: noise at s[i], then upsample the noisy latent
+            eps = torch.randn(x0.shape, generator=generator, device=device)
+            x = resize_latent(add_noise(x0, sigmas[i + 1], eps), scales[i + 1], upsample)
+            continue
+        x0 = resize_latent(x0, scales[i + 1], upsample)                  # upsample the CLEAN estimate
         eps = torch.randn(x0.shape, generator=generator, device=device)  # fresh noise each step
         x = add_noise(x0, sigmas[i + 1], eps)
     return (x0, steps) if return_steps else x0

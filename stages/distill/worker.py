@@ -95,15 +95,15 @@ class Trainer:
     def train(self) -> dict:
         """The run from wherever the checkpoint left it; returns how it ended (the last step, and
         `stopped` when the non-finite guard ended it)."""
-        from pipeline.swd import choose_scale_index
-
         cfg, started = self.cfg, time.monotonic()
         checkpoint = self.checkpointer.latest()
         if checkpoint is not None:  # the loop state first: the data position decides what to skip
             self.state.update(self.checkpointer.loop_state(checkpoint))
-        # Ray Data starts streaming every scale's dataset (tens of seconds on a busy machine) while the models load.
-        self.streams = ({name: Prefetch(self.batches(name)) for name in dict.fromkeys(self.datasets)}
-                        if self.state["step"] < cfg.num_steps else {})
+        # A scale's stream starts one step before its first use (a Ray Data execution starts in seconds to
+        # tens of seconds on a busy machine): the first step's while the models load, later ones a step ahead.
+        self.streams: dict[str, Prefetch] = {}
+        if self.state["step"] < cfg.num_steps:
+            self.start_stream(self.scale_index(self.state["step"] + 1))
         self.build(warm_start=checkpoint is None)
         if checkpoint is not None:
             self.checkpointer.restore(checkpoint, self.engines)
@@ -115,8 +115,9 @@ class Trainer:
         while self.state["step"] < cfg.num_steps:
             step = self.state["step"] + 1
             t0, cpu0 = time.monotonic(), time.process_time()
-            i = choose_scale_index(step - 1, len(self.swd.schedule.scales), self.swd.scale_index,
-                                   self.generator(step, 99))
+            i = self.scale_index(step)
+            if step < cfg.num_steps:
+                self.start_stream(self.scale_index(step + 1))
             parts: dict[str, float] = {"scale_index": float(i)}
             fake_ok = self.fake_updates(step, i, parts)
             generator_ok = self.generator_update(step, i, parts)
@@ -248,8 +249,22 @@ class Trainer:
                                    f"least batch_size_per_worker x num_workers rows")
             epoch, skip = epoch + 1, 0
 
+    def scale_index(self, step: int) -> int:
+        """The scale index generator step `step` (1-based) trains, the same on every rank and run."""
+        from pipeline.swd import choose_scale_index
+
+        return choose_scale_index(step - 1, len(self.swd.schedule.scales), self.swd.scale_index,
+                                  self.generator(step, 99))
+
+    def start_stream(self, i: int) -> None:
+        """Start streaming scale index i's dataset (its first batch fetched in the background), once."""
+        name = self.datasets[i]
+        if name not in self.streams:
+            self.streams[name] = Prefetch(self.batches(name))
+
     def take(self, i: int) -> dict:
         """The next batch of scale index i's dataset; its position (epoch, batches taken in it) moves on."""
+        self.start_stream(i)
         name = self.datasets[i]
         epoch, taken, batch = next(self.streams[name])
         self.state["data"][name] = {"epoch": epoch, "batches_in_epoch": taken}

@@ -8,7 +8,10 @@ Steps:
    captions and images that do not decode are counted rejects (`metrics.json` "reads", MLflow
    `eval_*`); the stage fails, naming the bad shards, only when their fraction exceeds
    `max_bad_fraction`. Its fingerprint (keys, prompts, image digests, seeds and batching, metric
-   settings) is what `register` compares champions on.
+   settings) is what `register` compares champions on. Or, with `prompts` set (the published protocol,
+   `protocol.py`, issue 17): the first `max_prompts` prompts of a prompt file, no reference images; FID
+   against `fid_reference_stats` (pytorch-fid's `.npz`), and `_fd` is that FID. Every configured protocol
+   file is checked while the graph is planned (`external_fingerprint`), before any Ray work.
 2. Generation with Ray Data (`generation.py`): the eval prompts in fixed chunks of `batch_size` (one
    seed per chunk, the same chunks and seeds for every generator), one row per (generator, chunk),
    through `map_batches` with the callable class `GenerateActor` on an `ActorPoolStrategy` pool; each
@@ -25,14 +28,18 @@ Steps:
    (decoded, centre-cropped and resized to the generated side in the scorer): EfficientNet-Lite0
    features for the Frechet distance (`pipeline/metrics.py`), CLIP score (`clip_model`), Inception
    features for FID (`inception_weights`), and the shapes oracle's reading of each image, from which
-   the driver computes prompt adherence per attribute and overall (= every attribute of the prompt right).
+   the driver computes prompt adherence per attribute and overall (= every attribute of the prompt right);
+   PickScore (`pickscore_model`) and both CLIP-score definitions; the standard FID (`pipeline/fid_inception.py`)
+   with its protocol (`pipeline/eval_protocol.py`). Then paired bootstrap 95% intervals (`bootstrap_resamples`,
+   `pipeline/bootstrap.py`) of adherence and FD per generator and of student - teacher, baseline - student.
 4. Latency (`latency.py`): one Ray task with the resources of one generation actor times each
    generator in turn: `latency_warmup_batches` untimed then `latency_repeats` timed calls of
    `batch_size` prompts (text encoding + sampling + VAE decode); seconds per image = median / batch
    size; speedups from it. The student's task also renders the per-scale progression strip.
 5. Outputs (`report.py` draws the images and the table), logged by the graph as the stage run's
    artifacts: `metrics.json` (canonical metrics, eval set; `pipeline.eval_record`), `report.md`
-   (comparison table), `samples.png` (prompts x [data, student, teacher, baseline]),
+   (comparison table, intervals, one sentence per gap, protocols), `samples.png` (prompt-labelled rows x
+   [data, student, teacher, baseline], nearest-neighbour thumbnails; `pipeline/image_grid.py`),
    `progression.png` (the student's clean estimate after each scale). Every metric goes to the
    stage's MLflow run; the canonical ones also to `ctx.summary["parent_metrics"]`, which
    `pipeline/run.py` mirrors onto the pipeline's parent run.
@@ -48,11 +55,13 @@ import time
 import warnings
 from typing import ClassVar, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from pipeline.config import Section
 from pipeline.context import StageContext
-from pipeline.eval_record import CANONICAL_METRICS, METRICS_FILE
+from pipeline import fid_inception
+from pipeline.eval_protocol import load_reference_stats
+from pipeline.eval_record import CANONICAL_METRICS, METRICS_FILE, PARENT_METRICS
 from pipeline.generate import GeneratorSpec, decode_png
 from pipeline.resources import actor_device, check_actor_dtype, gpus_per_actor
 from pipeline.samples import by_reason
@@ -63,11 +72,12 @@ from stages.evaluate.eval_set import (EvaluateError, adherence_targets, decode_r
 from stages.evaluate.generation import collect_images, generate
 from stages.evaluate.latency import latency_metrics, measure_latency
 from stages.evaluate.report import report_markdown, save_grid, save_strip
-from stages.evaluate.scoring import ScoreSpec, quality_metrics, score
+from stages.evaluate.protocol import file_identity, file_problems, optional_file, prompt_samples
+from stages.evaluate.scoring import ScoreSpec, confidence_intervals, quality_metrics, score
 
 __all__ = ["Config", "VERSION", "SECTIONS", "OUTPUTS", "run", "external_fingerprint", "EvaluateError"]
 
-VERSION = "2"
+VERSION = "3"
 SECTIONS = ("evaluate", "teacher")
 REPORT_FILE = "report.md"
 GRID_FILE = "samples.png"
@@ -96,28 +106,91 @@ class Config(Section):
     num_cpus_per_actor: float = Field(2.0, gt=0)
     num_gpus_per_actor: float | None = Field(None, ge=0)  # null: 1 when the Ray cluster has GPUs
     teacher_sampler: TeacherSampler = TeacherSampler()  # the `teacher` generator's steps and guidance
+    # Sampling-time ablations of the student's (and baseline's) scale-wise sampler (SWD.md section 3;
+    # bench/ablations.py): how the latent moves to the next scale (bicubic: SwD; nearest: the first public
+    # release's aliasing), and which latent is upsampled (clean: the clean estimate, SwD; noisy: the
+    # re-noised latent at the current scale, the paper's failure case). Not distill keys: a variant
+    # reuses the trained student.
+    student_upsample: Literal["bicubic", "nearest"] = "bicubic"
+    student_upsample_source: Literal["clean", "noisy"] = "clean"
     adherence: Literal["auto", "on", "off"] = "auto"
     fd_image_side_px: int = Field(224, ge=32)
     score_batch_size: int = Field(64, ge=1)
+    # CLIP: a local transformers CLIP directory or a hub id in the local Hugging Face cache; both the
+    # torchmetrics CLIPScore (`_clip_score`, 100 * max(cos, 0)) and the released cosine (`_clip_cosine`).
     clip_model: str | None = None
     clip_optional: bool = False
+    # Side (px) images are resized to (bicubic) before the CLIP / PickScore processor; null: as generated
+    # (the released evaluation: 512).
+    clip_image_side_px: int | None = Field(None, ge=16)
+    # PickScore (`_pickscore`, logit_scale * cos as the PickScore paper; `_pickscore_cosine` as the released
+    # code): a local CLIP directory (PickScore_v1), its processor from pickscore_processor (null: the same dir).
+    pickscore_model: str | None = None
+    pickscore_processor: str | None = None
+    pickscore_optional: bool = False
+    # FID: a `.safetensors` of pytorch-fid's FID Inception-v3 (pipeline/fid_inception.py; the standard FID),
+    # or a TorchScript `.pt` (the older hook); null: no FID. Optional: skipped with a warning when missing
+    # (the weights or fid_reference_stats).
     inception_weights: str | None = None
     inception_optional: bool = False
+    # The resize rule to Inception's 299 px (safetensors weights): pytorch_fid (bilinear, the released
+    # statistics') or clean_fid (PIL bicubic per channel, clean-fid's rule).
+    fid_resize: Literal["pytorch_fid", "clean_fid"] = "pytorch_fid"
+    # Side (px) images are brought to before FID (Lanczos + centre crop, as the released evaluation's 256);
+    # null: as generated.
+    fid_image_side_px: int | None = Field(None, ge=16)
+    # Prompt-set evaluation (issue 17): a prompt file (.txt one per line, .csv / .parquet column
+    # prompt_column) instead of the eval shards; its first max_prompts are generated and scored against
+    # fid_reference_stats (an .npz with mu and sigma, python -m pipeline.fid_stats), so `_fd` is that FID.
+    prompts: str | None = None
+    prompt_column: str = "caption"
+    fid_reference_stats: str | None = None
+    # Bootstrap 95% intervals over the eval prompts (paired: the same resampled prompts for every
+    # generator and the reference set); 0: none. Cost: ~8 ms per resample per generator at 256 prompts
+    # x 1280-d (exact Gram form, pipeline/bootstrap.py); with more prompts than feature dimensions a
+    # D x D eigendecomposition per resample (seconds at 5000 x 2048: use ~100 there).
+    bootstrap_resamples: int = Field(1000, ge=0)
+    bootstrap_seed: int = 0
     latency_warmup_batches: int = Field(1, ge=0)
     latency_repeats: int = Field(5, ge=1)
     grid_prompts: int = Field(8, ge=1)
+    # Side (px) of each thumbnail in samples.png (nearest-neighbour upscaled, never downscaled).
+    grid_thumbnail_px: int = Field(192, ge=16)
 
-    @field_validator("clip_model", "inception_weights")
+    @field_validator("clip_model", "inception_weights", "pickscore_model", "pickscore_processor", "prompts",
+                     "fid_reference_stats")
     @classmethod
     def _not_empty(cls, v: str | None, info) -> str | None:
         if v is not None and not v.strip():
             raise ValueError(f"evaluate.{info.field_name}: empty string; give a path (or hub id) or null")
         return v
 
+    @model_validator(mode="after")
+    def _protocol_complete(self):
+        problems = []
+        if self.fid_reference_stats is not None and self.inception_weights is None:
+            problems.append("evaluate.fid_reference_stats: set without evaluate.inception_weights; FID against "
+                            "reference statistics needs the Inception weights they were made with")
+        if self.pickscore_processor is not None and self.pickscore_model is None:
+            problems.append("evaluate.pickscore_processor: set without evaluate.pickscore_model")
+        if problems:
+            raise ValueError("\n".join(problems))
+        return self
+
 
 def external_fingerprint(sections: dict) -> list:
-    """A local Inception weights file (size, mtime) joins the fingerprint; a CLIP directory by path."""
-    return inception_weights_identity(sections["evaluate"].inception_weights)
+    """Local protocol files (path, size, mtime) join the fingerprint; CLIP directories by path. Also the
+    pre-flight check: a configured protocol file that is missing or unusable (and not marked optional) is a
+    ConfigError naming its key, raised while the graph is planned, before any Ray work starts."""
+    from pipeline.config import ConfigError
+
+    cfg = sections["evaluate"]
+    problems = file_problems(cfg)
+    if problems:
+        raise ConfigError(problems)
+    extra = [[key, file_identity(getattr(cfg, key))] for key in ("prompts", "fid_reference_stats")
+             if getattr(cfg, key) is not None]
+    return inception_weights_identity(cfg.inception_weights) + extra
 
 
 # ----------------------------------------------------------------------------- stage
@@ -135,13 +208,24 @@ def run(ctx: StageContext) -> None:
     started = time.monotonic()
 
     # Optional metrics: a missing path is an error, or a warning and the metric skipped.
-    clip_model = _optional(cfg.clip_model, cfg.clip_optional, "clip_model", M.resolve_clip)
-    inception = _optional(cfg.inception_weights, cfg.inception_optional, "inception_weights",
-                          M.check_inception_weights)
+    clip_model = optional_file(cfg, "clip_model")
+    pickscore_model = optional_file(cfg, "pickscore_model")
+    pickscore_processor = optional_file(cfg, "pickscore_processor") if pickscore_model else None
+    inception = optional_file(cfg, "inception_weights")
+    reference_file = optional_file(cfg, "fid_reference_stats") if inception else None
+    inception_sha256 = fid_inception.file_digest(inception) if inception else None
+    # the reference statistics, checked against the extractor's dimension and the weights they were made with
+    reference = load_reference_stats(cfg.fid_reference_stats, fid_inception.FEATURE_DIM, inception_sha256) \
+        if reference_file and str(inception).endswith(".safetensors") else \
+        (load_reference_stats(cfg.fid_reference_stats, _torchscript_dim(inception)) if reference_file else None)
 
-    # 1. the eval set
-    urls = shard_urls(ctx.inputs["shards"], "eval")
-    samples, reads = read_eval_samples(urls, cfg.max_prompts, cfg.max_bad_fraction)
+    # 1. the eval set: the eval shards (prompts + reference images), or a prompt file (issue 17)
+    if cfg.prompts is not None:
+        urls, reads = [cfg.prompts], None
+        samples = prompt_samples(cfg)
+    else:
+        urls = shard_urls(ctx.inputs["shards"], "eval")
+        samples, reads = read_eval_samples(urls, cfg.max_prompts, cfg.max_bad_fraction)
     prompts = [s["prompt"] for s in samples]
     targets = adherence_targets(samples, cfg.adherence)
 
@@ -153,12 +237,14 @@ def run(ctx: StageContext) -> None:
                   max_sequence_length=teacher_cfg.max_sequence_length, local_files_only=teacher_cfg.local_files_only,
                   num_threads=max(1, int(cfg.num_cpus_per_actor)))
     student_schedule = read_schedule(ctx.inputs["distill"])
-    specs = {"student": GeneratorSpec(name="student", student_dir=str(ctx.inputs["distill"]), **common),
+    sampler = dict(upsample=cfg.student_upsample, upsample_source=cfg.student_upsample_source)  # students only
+    specs = {"student": GeneratorSpec(name="student", student_dir=str(ctx.inputs["distill"]), **sampler, **common),
              "teacher": GeneratorSpec(name="teacher", teacher_num_steps=cfg.teacher_sampler.num_steps,
                                       guidance_scale=cfg.teacher_sampler.guidance_scale,
                                       latent_side=student_schedule["scales"][-1], **common)}
     if ctx.inputs.get("distill_baseline") is not None:
-        specs["baseline"] = GeneratorSpec(name="baseline", student_dir=str(ctx.inputs["distill_baseline"]), **common)
+        specs["baseline"] = GeneratorSpec(name="baseline", student_dir=str(ctx.inputs["distill_baseline"]),
+                                          **sampler, **common)
     print(f"[evaluate] {len(prompts)} eval prompts from {len(urls)} shard(s); generators {', '.join(specs)}; "
           f"{cfg.num_actors} actor(s) x ({cfg.num_cpus_per_actor} CPU, {gpus} GPU) on {device}", flush=True)
 
@@ -172,14 +258,27 @@ def run(ctx: StageContext) -> None:
     print(f"[evaluate] generated {len(specs)} x {len(prompts)} images of {side} px in {generate_s:.1f} s", flush=True)
 
     # 3. scores (Ray Data) of generated and reference images; adherence from the oracle's readings
+    prompt_set = cfg.prompts is not None
     score_spec = ScoreSpec(device=device, side=side, fd_image_side_px=cfg.fd_image_side_px, clip_model=clip_model,
                            inception_weights=str(inception) if inception else None, oracle=targets is not None,
-                           num_threads=max(1, int(cfg.num_cpus_per_actor)))
+                           num_threads=max(1, int(cfg.num_cpus_per_actor)), fd=not prompt_set,
+                           fid_resize=cfg.fid_resize, fid_image_side_px=cfg.fid_image_side_px,
+                           clip_image_side_px=cfg.clip_image_side_px, pickscore_model=pickscore_model,
+                           pickscore_processor=pickscore_processor)
     t0 = time.monotonic()
-    scores = score(generated.union(reference_dataset(samples)), score_spec, cfg, gpus)
+    scores = score(generated if prompt_set else generated.union(reference_dataset(samples)), score_spec, cfg, gpus)
     score_s = time.monotonic() - t0
-    values = quality_metrics(scores, list(specs), targets)
-    print(f"[evaluate] scored {len(specs) + 1} x {len(prompts)} images in {score_s:.1f} s", flush=True)
+    values = quality_metrics(scores, list(specs), targets, reference, fid_is_fd=prompt_set)
+    print(f"[evaluate] scored {len(specs) + (0 if prompt_set else 1)} x {len(prompts)} images in {score_s:.1f} s",
+          flush=True)
+    bootstrap_s = 0.0
+    if cfg.bootstrap_resamples:  # paired bootstrap intervals over the prompts
+        t0 = time.monotonic()
+        values.update(confidence_intervals(scores, list(specs), targets, cfg, reference))
+        bootstrap_s = time.monotonic() - t0
+        print(f"[evaluate] {cfg.bootstrap_resamples} bootstrap resamples in {bootstrap_s:.1f} s", flush=True)
+    protocols = _protocols(cfg, samples, prompt_set, inception, inception_sha256, reference, values)
+    values.update({f"{kind}_protocol_id": float(p["id"]) for kind, p in protocols.items()})
 
     # 4. latency, one generator after the other in one task (same process, same resources)
     latency_prompts = [prompts[i % len(prompts)] for i in range(cfg.batch_size)]
@@ -193,33 +292,79 @@ def run(ctx: StageContext) -> None:
     # 5. outputs (the graph logs them as the run's artifacts)
     eval_set = eval_set_identity(samples, cfg, inception)
     generators = {name: _describe(spec, timing[name]) for name, spec in specs.items()}
+    fd_extractor = protocols["fd"]["extractor"] if "fd" in protocols else M.FD_EXTRACTOR
     record = {"metrics": values, "canonical": [k for k in CANONICAL_METRICS if k in values],
-              "eval_set": eval_set, "generators": generators, "fd_extractor": M.FD_EXTRACTOR,
+              "eval_set": eval_set, "generators": generators, "fd_extractor": fd_extractor,
               "fd_image_side_px": cfg.fd_image_side_px, "image_side_px": side,
               "clip_model": clip_model, "inception_weights": str(inception) if inception else None,
+              "pickscore_model": pickscore_model, "prompts": cfg.prompts, "protocols": protocols,
+              "bootstrap": {"resamples": cfg.bootstrap_resamples, "seed": cfg.bootstrap_seed, "paired": True,
+                            "level": 0.95, "seconds": round(bootstrap_s, 2)},
               "generate_s": round(generate_s, 2), "score_s": round(score_s, 2),
-              "reads": {"shards_read": reads.shards_read, "unreadable_shards": [e["url"] for e in reads.unreadable],
-                        "rejects_by_reason": by_reason(reads.rejects), "bad_fraction": round(reads.bad_fraction, 6),
-                        "rejects": reads.rejects}}
+              "reads": None if reads is None else
+              {"shards_read": reads.shards_read, "unreadable_shards": [e["url"] for e in reads.unreadable],
+               "rejects_by_reason": by_reason(reads.rejects), "bad_fraction": round(reads.bad_fraction, 6),
+               "rejects": reads.rejects}}
     (ctx.output_dir / METRICS_FILE).write_text(json.dumps(record, indent=1) + "\n")
     grid_rows = min(cfg.grid_prompts, len(prompts))
     grid = collect_images(generated, list(specs), max_index=grid_rows)
-    grid["data"] = np.stack([decode_reference(s["image"], side) for s in samples[:grid_rows]])
-    columns = ["data", *specs]
-    save_grid(ctx.output_dir / GRID_FILE, [grid[c] for c in columns], columns)
+    columns = list(specs)
+    if not prompt_set:
+        grid["data"] = np.stack([decode_reference(s["image"], side) for s in samples[:grid_rows]])
+        columns = ["data", *specs]
+    save_grid(ctx.output_dir / GRID_FILE, [grid[c] for c in columns], columns, prompts[:grid_rows],
+              cfg.grid_thumbnail_px)
     save_strip(ctx.output_dir / STRIP_FILE, strip, side)
     (ctx.output_dir / REPORT_FILE).write_text(report_markdown(record, prompts[:grid_rows], targets is not None))
 
     ctx.log.metrics(values)
-    ctx.log.tags({"fd_extractor": M.FD_EXTRACTOR, "eval_set_fingerprint": eval_set["fingerprint"],
-                  "eval_num_prompts": str(len(prompts))})
-    ctx.log.metrics(reads.metrics("eval_"))
-    ctx.log.metrics({"evaluate_wall_s": time.monotonic() - started})
+    ctx.log.tags({"fd_extractor": fd_extractor, "eval_set_fingerprint": eval_set["fingerprint"],
+                  "eval_num_prompts": str(len(prompts)),
+                  **{f"{kind}_protocol": json.dumps(p, sort_keys=True) for kind, p in protocols.items()}})
+    if reads is not None:
+        ctx.log.metrics(reads.metrics("eval_"))
+    ctx.log.metrics({"evaluate_wall_s": time.monotonic() - started, "evaluate_bootstrap_s": bootstrap_s})
+    parent = {k: values[k] for k in PARENT_METRICS if k in values}
+    ctx.summary.update({"parent_metrics": parent, "eval_set_fingerprint": eval_set["fingerprint"],
+                        "num_prompts": len(prompts), "eval_unreadable_shards": len(reads.unreadable) if reads else 0,
+                        "eval_rejects": len(reads.rejects) if reads else 0})
     canonical = {k: values[k] for k in CANONICAL_METRICS if k in values}
-    ctx.summary.update({"parent_metrics": canonical, "eval_set_fingerprint": eval_set["fingerprint"],
-                        "num_prompts": len(prompts), "eval_unreadable_shards": len(reads.unreadable),
-                        "eval_rejects": len(reads.rejects)})
     print("[evaluate] " + ", ".join(f"{k} {v:.4g}" for k, v in canonical.items()), flush=True)
+
+
+def _protocols(cfg: Config, samples: list[dict], prompt_set: bool, inception, inception_sha256, reference,
+               values: dict) -> dict[str, dict]:
+    """{"fd": the protocol of `_fd`, "fid": of `_fid`} (`pipeline.eval_protocol.fid_protocol`), each
+    present when its metric is; `compare` compares a metric only between runs of one protocol id."""
+    from pipeline import metrics as M
+    from pipeline.eval_protocol import fid_protocol
+
+    n = len(samples)
+    out = {}
+    images_ref = {"kind": "images", "eval_set": eval_set_identity(samples, cfg, inception)["fingerprint"]}
+    if any(k.endswith("_fid") for k in values):
+        fields = ({"extractor": fid_inception.EXTRACTOR, "resize_rule": cfg.fid_resize}
+                  if str(inception).endswith(".safetensors") else
+                  {"extractor": "torchscript_inception", "resize_rule": "bicubic_antialias_299"})
+        ref = ({"kind": "stats", "sha256": reference["sha256"], "made": reference["protocol"]}
+               if reference is not None else images_ref)
+        out["fid"] = fid_protocol(fields["extractor"], inception_sha256, fields["resize_rule"], cfg.fid_image_side_px,
+                                  n, ref)
+    if prompt_set and "fid" in out:
+        out["fd"] = out["fid"]
+    elif not prompt_set:
+        out["fd"] = fid_protocol(M.FD_EXTRACTOR, "efficientnet-lite0-57934424", "bicubic_antialias",
+                                 cfg.fd_image_side_px, n, images_ref)
+    return out
+
+
+def _torchscript_dim(inception) -> int:
+    """The feature dimension of a TorchScript FID hook (one probe image)."""
+    import numpy as np
+
+    from pipeline import metrics as M
+
+    return int(M.InceptionFeatures(inception)(np.zeros((1, 32, 32, 3), np.uint8)).shape[1])
 
 
 def _optional(spec: str | None, optional: bool, key: str, check):

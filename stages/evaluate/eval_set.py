@@ -111,12 +111,23 @@ def inception_weights_identity(inception_weights: str | None) -> list:
 def eval_set_identity(samples: list[dict], cfg: Config, inception) -> dict:
     """What makes two evaluations comparable: the samples, the seeds and chunking, the metric settings."""
     h = hashlib.sha256()
-    for s in samples:
-        h.update(json.dumps([s["key"], s["prompt"], hashlib.sha256(s["image"]).hexdigest()]).encode())
+    for s in samples:  # a prompt set has no reference images
+        image = hashlib.sha256(s["image"]).hexdigest() if s["image"] is not None else None
+        h.update(json.dumps([s["key"], s["prompt"], image]).encode())
     settings = {"metrics_version": METRICS_VERSION, "seed": cfg.seed, "batch_size": cfg.batch_size,
                 "fd_image_side_px": cfg.fd_image_side_px, "clip_model": cfg.clip_model,
                 "inception_weights": inception_weights_identity(cfg.inception_weights) if inception else None,
                 "adherence": cfg.adherence}
+    # The published-protocol settings join only when set, so the eval-shard path keeps its fingerprint
+    # (register compares champions on it).
+    extra = {k: getattr(cfg, k) for k in ("prompts", "prompt_column", "fid_reference_stats", "fid_resize",
+                                          "fid_image_side_px", "clip_image_side_px", "pickscore_model",
+                                          "pickscore_processor")
+             if getattr(cfg, k) is not None and (k, getattr(cfg, k)) not in (("prompt_column", "caption"),
+                                                                             ("fid_resize", "pytorch_fid"))}
+    if cfg.prompts is None:
+        extra.pop("prompt_column", None)
+    settings.update(extra)
     h.update(json.dumps(settings, sort_keys=True).encode())
     return {"fingerprint": h.hexdigest()[:16], "num_prompts": len(samples), **settings}
 

@@ -24,6 +24,12 @@ class ScoreSpec:
     inception_weights: str | None
     oracle: bool = False  # read the shapes attributes back (adherence)
     num_threads: int = 1
+    fd: bool = True  # EfficientNet-Lite0 features (the eval-shard path; off for a prompt set: no reference images)
+    fid_resize: str = "pytorch_fid"
+    fid_image_side_px: int | None = None  # Lanczos + centre crop to this side before FID (None: as generated)
+    clip_image_side_px: int | None = None  # bicubic to this side before the CLIP / PickScore processors
+    pickscore_model: str | None = None
+    pickscore_processor: str | None = None
 
 
 class ScoreActor:
@@ -38,30 +44,53 @@ class ScoreActor:
         if spec.device == "cpu":
             torch.set_num_threads(spec.num_threads)
         self.spec = spec
-        self.fd = M.EfficientNetFeatures(spec.device, spec.fd_image_side_px)
+        self.fd = M.EfficientNetFeatures(spec.device, spec.fd_image_side_px) if spec.fd else None
         self.clip = M.ClipScorer(spec.clip_model, spec.device) if spec.clip_model else None
-        self.inception = M.InceptionFeatures(spec.inception_weights, spec.device) if spec.inception_weights else None
+        self.pick = (M.ClipScorer(spec.pickscore_model, spec.device, "evaluate.pickscore_model", spec.pickscore_processor)
+                     if spec.pickscore_model else None)
+        self.inception = M.fid_extractor(spec.inception_weights, spec.fid_resize, spec.device)[0] \
+            if spec.inception_weights else None
 
     def __call__(self, batch: dict) -> dict:
         import dataclasses
 
         import numpy as np
 
+        from pipeline.eval_protocol import bring_to_side
         from pipeline.oracle import recover
 
         images = np.stack([decode_reference(bytes(b), self.spec.side) for b in batch["image_bytes"]])
-        out = {"generator": batch["generator"], "index": batch["index"], "fd": self.fd(images)}
-        if self.clip is not None:
-            out["clip"] = self.clip(images, [str(p) for p in batch["prompt"]])
+        out = {"generator": batch["generator"], "index": batch["index"]}
+        if self.fd is not None:
+            out["fd"] = self.fd(images)
+        if self.clip is not None or self.pick is not None:
+            prompts = [str(p) for p in batch["prompt"]]
+            small = _resized(images, self.spec.clip_image_side_px)
+            if self.clip is not None:
+                out["clip_cos"] = self.clip.cosines(small, prompts)
+            if self.pick is not None:
+                out["pick_cos"] = self.pick.cosines(small, prompts)
+                out["pick_scale"] = np.full(len(images), self.pick.logit_scale, dtype=np.float64)
         if self.inception is not None:
-            out["fid"] = self.inception(images)
+            out["fid"] = self.inception(bring_to_side(images, self.spec.fid_image_side_px))
         if self.spec.oracle:
             out["oracle"] = np.asarray([json.dumps(dataclasses.asdict(recover(im))) for im in images], dtype=object)
         return out
 
 
+def _resized(images, side: int | None):
+    """Bicubic to side x side (the released evaluation's PIL resize before CLIP), or as is."""
+    import numpy as np
+    from PIL import Image
+
+    if side is None or images.shape[1:3] == (side, side):
+        return images
+    return np.stack([np.asarray(Image.fromarray(im).resize((side, side), Image.BICUBIC)) for im in images])
+
+
 def score(ds, spec: ScoreSpec, cfg: Config, gpus: float) -> dict:
-    """{generator or "data": {"fd": [N, 1280], "clip": [N], "fid": [N, 2048], "oracle": [N readings]}}."""
+    """{generator or "data": {"fd": [N, 1280], "clip_cos": [N], "pick_cos": [N], "pick_scale": [N],
+    "fid": [N, 2048], "oracle": [N readings]}} (keys as configured)."""
     import numpy as np
     import ray
 
@@ -73,34 +102,80 @@ def score(ds, spec: ScoreSpec, cfg: Config, gpus: float) -> dict:
     out: dict[str, dict] = {}
     for source in sorted({str(r["generator"]) for r in rows}):
         mine = sorted((r for r in rows if r["generator"] == source), key=lambda r: int(r["index"]))
-        out[source] = {k: np.stack([np.asarray(r[k]) for r in mine]) for k in ("fd", "clip", "fid") if k in mine[0]}
+        out[source] = {k: np.stack([np.asarray(r[k]) for r in mine])
+                       for k in ("fd", "clip_cos", "pick_cos", "pick_scale", "fid") if k in mine[0]}
         if "oracle" in mine[0]:
             out[source]["oracle"] = [json.loads(r["oracle"]) for r in mine]
     return out
 
 
-def quality_metrics(scores: dict, names: list[str], targets: list | None) -> dict[str, float]:
+def quality_metrics(scores: dict, names: list[str], targets: list | None, reference: dict | None = None,
+                    fid_is_fd: bool = False) -> dict[str, float]:
     """Per generator in `names`: `<name>_fd` (and `<name>_fd_<extractor>`, the same number), `_fid`,
-    `_clip_score`, `_adherence` (all attributes right) and `_adherence_<attribute>`, each against or
-    beside the reference images ("data"); `data_adherence` (the oracle's ceiling), `data_clip_score`."""
+    `_clip_score` (torchmetrics), `_clip_cosine` (released), `_pickscore` (logit_scale * cos),
+    `_pickscore_cosine`, `_adherence` (all attributes right) and `_adherence_<attribute>`, each against or
+    beside the reference images ("data") or, for FID, the reference statistics `reference` (mu, sigma);
+    `data_adherence` (the oracle's ceiling), `data_clip_score`. `fid_is_fd`: a prompt set, where `_fd` is
+    the FID (there are no reference images for the EfficientNet FD)."""
     import numpy as np
 
     from pipeline import metrics as M
 
     values: dict[str, float] = {}
     for name in names:
-        values[f"{name}_fd"] = M.frechet_distance_of(scores[name]["fd"], scores["data"]["fd"])
-        values[f"{name}_fd_{M.FD_EXTRACTOR}"] = values[f"{name}_fd"]
-        if "fid" in scores["data"]:
-            values[f"{name}_fid"] = M.frechet_distance_of(scores[name]["fid"], scores["data"]["fid"])
-        if "clip" in scores[name]:
-            values[f"{name}_clip_score"] = float(np.mean(scores[name]["clip"]))
+        s = scores[name]
+        if "fd" in s:
+            values[f"{name}_fd"] = M.frechet_distance_of(s["fd"], scores["data"]["fd"])
+            values[f"{name}_fd_{M.FD_EXTRACTOR}"] = values[f"{name}_fd"]
+        if "fid" in s and (reference is not None or "data" in scores):
+            ref = (reference["mu"], reference["sigma"]) if reference is not None else \
+                M.feature_statistics(scores["data"]["fid"])
+            if s["fid"].shape[1] != ref[0].shape[0]:
+                raise M.MetricError(f"evaluate.inception_weights: {s['fid'].shape[1]}-d features against "
+                                    f"{ref[0].shape[0]}-d reference statistics (evaluate.fid_reference_stats); "
+                                    f"use statistics made with the same extractor")
+            values[f"{name}_fid"] = M.frechet_distance(*M.feature_statistics(s["fid"]), *ref)
+            if fid_is_fd:
+                values[f"{name}_fd"] = values[f"{name}_fid"]
+        if "clip_cos" in s:
+            values[f"{name}_clip_score"] = float(np.mean(M.clip_score_torchmetrics(s["clip_cos"])))
+            values[f"{name}_clip_cosine"] = float(np.mean(s["clip_cos"]))
+        if "pick_cos" in s:
+            values[f"{name}_pickscore"] = float(np.mean(M.pickscore(s["pick_cos"], s["pick_scale"][0])))
+            values[f"{name}_pickscore_cosine"] = float(np.mean(s["pick_cos"]))
         if targets is not None:
-            acc = M.adherence_of(scores[name]["oracle"], targets)
+            acc = M.adherence_of(s["oracle"], targets)
             values[f"{name}_adherence"] = acc["all"]
             values.update({f"{name}_adherence_{k}": v for k, v in acc.items() if k != "all"})
-    if targets is not None:  # the oracle on the reference images: the ceiling of adherence
-        values["data_adherence"] = M.adherence_of(scores["data"]["oracle"], targets)["all"]
-    if "clip" in scores["data"]:
-        values["data_clip_score"] = float(np.mean(scores["data"]["clip"]))
+    if "data" in scores:
+        if targets is not None:  # the oracle on the reference images: the ceiling of adherence
+            values["data_adherence"] = M.adherence_of(scores["data"]["oracle"], targets)["all"]
+        if "clip_cos" in scores["data"]:
+            values["data_clip_score"] = float(np.mean(M.clip_score_torchmetrics(scores["data"]["clip_cos"])))
     return values
+
+
+def confidence_intervals(scores: dict, names: list[str], targets: list | None, cfg: Config,
+                         reference: dict | None = None) -> dict[str, float]:
+    """Paired bootstrap 95% intervals (pipeline/bootstrap.py) of `_adherence` and `_fd` per generator and of
+    student - teacher and baseline - student: the same resampled prompt indices for every generator and the
+    reference images (the prompt set: the fixed reference statistics)."""
+    import numpy as np
+
+    from pipeline import bootstrap as B
+    from pipeline import metrics as M
+
+    n = len(next(iter(scores[names[0]].values())))
+    idx = B.resample_indices(n, cfg.bootstrap_resamples, cfg.bootstrap_seed)
+    resampled: dict[str, dict] = {}
+    for name in names:
+        s, mine = scores[name], {}
+        if targets is not None:
+            mine["adherence"] = B.mean_resamples(np.asarray([M.adherence_of([r], [t])["all"]
+                                                             for r, t in zip(s["oracle"], targets)]), idx)
+        if "fd" in s:
+            mine["fd"] = B.fd_resamples(s["fd"], scores["data"]["fd"], idx)
+        elif "fid" in s and reference is not None:  # a prompt set: `_fd` is the FID against fixed statistics
+            mine["fd"] = B.fd_resamples(s["fid"], (reference["mu"], reference["sigma"]), idx)
+        resampled[name] = mine
+    return B.intervals(resampled, [("student", "teacher"), ("baseline", "student")])
