@@ -138,12 +138,20 @@ def with_former_keys(model: BaseModel, dump: dict[str, Any]) -> dict[str, Any]:
     return dump
 
 
+def stage_section_fingerprints(spec: StageSpec, sections: dict[str, BaseModel]) -> dict[str, dict[str, Any]]:
+    """Each section's part of the stage's fingerprint. A stage that reads only part of another stage's
+    section says so in `FINGERPRINT_VIEWS` ({section: model -> dict}), e.g. the cache reads only the swd
+    schedule's latent sides: a loss weight then re-runs distill, not the cache."""
+    views = getattr(spec.module, "FINGERPRINT_VIEWS", {})
+    return {s: views[s](m) if s in views else section_fingerprint(m) for s, m in sections.items()}
+
+
 def not_in_fingerprint(spec: StageSpec, cfg: BaseModel) -> list[str]:
     """Per section of the stage, the keys its fingerprint leaves out, for --dry-run:
     `distill.log_every_steps, ...`, or `teacher.* except pretrained, ...` for a section that leaves out most of itself."""
     out = []
-    for name, model in spec.sections(cfg).items():
-        kept = section_fingerprint(model)
+    for name, kept in stage_section_fingerprints(spec, spec.sections(cfg)).items():
+        model = spec.sections(cfg)[name]
         left = [k for k in model.model_dump(mode="json")
                 if k not in kept and k not in getattr(type(model), "FORMER_KEYS", {})]
         if len(left) > len(kept):
@@ -159,7 +167,7 @@ def fingerprint(spec: StageSpec, cfg: BaseModel, input_fingerprints: dict[str, s
     payload = {
         "stage": spec.name,
         "version": spec.module.VERSION,
-        "sections": {s: section_fingerprint(m) for s, m in sections.items()},
+        "sections": stage_section_fingerprints(spec, sections),
         "inputs": input_fingerprints,
         "external": external(sections) if external else None,
     }

@@ -37,6 +37,7 @@ from pipeline.data import ShardError, expand_shards
 from pipeline.run_log import RunLog
 from pipeline.student_export import init_student_problems
 from stages import PipelineConfig, synthesize
+from stages.evaluate import protocol as evaluate_files
 
 EXIT_CONFIG = 2
 EXIT_TRACKING = 3
@@ -157,6 +158,7 @@ def check_environment(cfg: PipelineConfig) -> None:
         problems.append("data.eval_shards: given without training data; also give data.train_shards or "
                         "data.prompts, or neither")
     problems += synthesize.prompt_file_problems(cfg.data)
+    problems += evaluate_files.file_problems(cfg.evaluate)  # the evaluation protocol's files, before any Ray work
     for split, spec in given.items():
         if spec is not None:
             try:

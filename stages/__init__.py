@@ -55,6 +55,9 @@ with warnings.catch_warnings():  # `register` is also ABCMeta.register; the fiel
             "evaluate.num_actors", "evaluate.num_cpus_per_actor", "evaluate.num_gpus_per_actor", "evaluate.batch_size",
             "evaluate.max_prompts", "evaluate.score_batch_size", "evaluate.latency_warmup_batches",
             "evaluate.latency_repeats", "evaluate.grid_prompts",
+            # the published protocol's files live on the cluster volume: a miniature evaluates on its eval shards
+            "evaluate.prompts", "evaluate.fid_reference_stats", "evaluate.inception_weights", "evaluate.clip_model",
+            "evaluate.pickscore_model", "evaluate.pickscore_processor", "evaluate.bootstrap_resamples",
             "register.device",
         )
 

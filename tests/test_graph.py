@@ -235,3 +235,21 @@ def test_fingerprints_leave_out_operational_keys_and_a_pretrained_teachers_train
     trained = fingerprints("teacher.pretrained=null")
     assert fingerprints("teacher.pretrained=null", "teacher.num_steps=7")["teacher"] != trained["teacher"]
     assert fingerprints("teacher.pretrained=null", "teacher.log_every_steps=7") == trained
+
+
+def test_the_cache_reruns_for_the_schedule_sides_only_not_for_swd_losses_or_networks(workdir):
+    """The cache depends on swd only through the schedule's latent sides (FINGERPRINT_VIEWS): an ablation of
+    a loss, a network or the sigmas re-runs distill and what follows, never the cache's VAE and text encoders."""
+    def fingerprints(*overrides):
+        cfg = load_config(overrides=[f"workdir={workdir}", *overrides])
+        return {p.name: p.fingerprint for p in graph.plan(cfg, stages.default_stages())}
+
+    base = fingerprints()
+    for override in ("swd.loss.guidance_scale=3.0", "swd.loss.mmd_weight=0", "swd.loss.mode=mmd_only",
+                     "swd.student.lora_rank=8", "swd.feature_block=2", "swd.scale_index=random"):
+        changed = fingerprints(override)
+        assert changed["cache"] == base["cache"] and changed["distill"] != base["distill"], override
+    resized = fingerprints("swd.preset=null", "swd.scales=[8,12,16,16]", "swd.boundaries=[0,7,14,21]")
+    assert resized["cache"] != base["cache"]
+    spec = next(s for s in stages.default_stages() if s.name == "cache")
+    assert "swd.* except schedule.scales" in graph.not_in_fingerprint(spec, load_config())

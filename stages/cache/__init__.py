@@ -73,6 +73,8 @@ from stages.cache.shard_keys import DATA_DIR, SHARD_FILE, EncoderSpec, Shard, en
 
 VERSION = "3"
 SECTIONS = ("cache", "swd", "teacher")
+# Of swd, the cache depends on the schedule's latent sides only (not the losses, networks or sigmas).
+FINGERPRINT_VIEWS = {"swd": lambda swd: {"schedule.scales": list(swd.schedule.scales)}}
 REJECTS_FILE = "rejects.jsonl"
 OUTPUTS = (CACHE_FILE, REJECTS_FILE, UNCOND_FILE)
 
