@@ -443,14 +443,14 @@ def main(argv: list[str] | None = None) -> int:
                                    "variants": ",".join(names)})
     print(f"[ablations] MLflow parent run {parent} (experiment {args.experiment!r}, {uri}); variants: "
           f"{', '.join(names)}", flush=True)
-    started = time.monotonic()
+    started, commit = time.monotonic(), tracking.git_commit()  # the code the run started on
     results = []
     table = out_dir / TABLE_FILE
 
     def write_table(done: bool) -> float:  # after every variant, so a long run shows its rows as they come
         wall_s = time.monotonic() - started
         header = {"command": "python bench/ablations.py " + " ".join(sys.argv[1:] if argv is None else argv),
-                  "commit": tracking.git_commit(), "budget": f"{args.budget}: {' '.join(common) or '(config as is)'}",
+                  "commit": f"{commit} (+ uncommitted changes)" if _dirty() else commit, "budget": f"{args.budget}: {' '.join(common) or '(config as is)'}",
                   "wall time": f"{wall_s / 60:.1f} min" + ("" if done else f" so far ({len(results)} of {len(names)})"),
                   "MLflow parent run": f"{parent} (experiment {args.experiment})"}
         table.write_text(table_markdown(results, header))
@@ -486,6 +486,18 @@ def main(argv: list[str] | None = None) -> int:
     print(f"[ablations] table: {table} ({wall_s / 60:.1f} min)" + (f"; failed: {', '.join(failed)}" if failed else ""),
           flush=True)
     return pipeline_run.EXIT_STAGE_FAILED if failed else 0
+
+
+def _dirty() -> bool:
+    """Whether the work tree differs from its commit (the table then says so beside the commit)."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=Path(__file__).resolve().parent.parent,
+                             capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return out.returncode == 0 and bool(out.stdout.strip())
 
 
 def _variant_names(spec: str | None) -> list[str] | str:

@@ -113,8 +113,9 @@ def protocol_conflicts(runs: list, metrics: tuple[str, ...]) -> dict[str, str]:
     """{metric: why} for each FD / FID metric (and FD difference) that runs measured under different
     protocols (`fd_protocol_id` / `fid_protocol_id`; a run without the id counts as its own unknown protocol)."""
     out = {}
-    guarded = [m for m in metrics if m.endswith(("_fd", "_fid"))] + \
-        [f"{a}_minus_{b}_fd" for a, b in (("student", "teacher"), ("baseline", "student"))]
+    from pipeline.eval_record import INTERVAL_PAIRS
+
+    guarded = [m for m in metrics if m.endswith(("_fd", "_fid"))] + [f"{a}_minus_{b}_fd" for a, b in INTERVAL_PAIRS]
     for m in guarded:
         kind = "fid" if m.endswith("_fid") else "fd"
         have = [r for r in runs if m in r.data.metrics or f"{m}_ci95_low" in r.data.metrics]

@@ -73,10 +73,13 @@ def read_prompts(spec: str, column: str, key: str = "evaluate.prompts") -> list[
 
 
 def load_reference_stats(spec: str, feature_dim: int, weights_sha256: str | None = None,
-                         key: str = "evaluate.fid_reference_stats") -> dict:
+                         preprocessing: dict | None = None, key: str = "evaluate.fid_reference_stats") -> dict:
     """{"mu", "sigma", "sha256", "protocol" (dict or None)} of a reference `.npz`; raises naming `key`
-    when mu/sigma are missing or malformed, their dimension is not the extractor's, or the recorded
-    weights digest is not the configured weights'."""
+    when mu/sigma are missing or malformed, their dimension is not the extractor's, or what the file
+    records of how it was made (`python -m pipeline.fid_stats`) differs from the configuration: the
+    weights digest (`weights_sha256`), and each of `preprocessing` ({"resize_rule": evaluate.fid_resize,
+    "image_side_px": evaluate.fid_image_side_px}). Files without a record (the released ones) are taken
+    as they are."""
     path = Path(os.path.expanduser(spec))
     try:
         data = np.load(path, allow_pickle=False)  # arrays only: never unpickle
@@ -101,15 +104,17 @@ def load_reference_stats(spec: str, feature_dim: int, weights_sha256: str | None
                             f"{protocol['weights_sha256'][:16]}..., but evaluate.inception_weights has "
                             f"{weights_sha256[:16]}...; use the weights the statistics were made with, or remake "
                             f"the statistics with `python -m pipeline.fid_stats`")
-    return {"mu": mu, "sigma": sigma, "sha256": file_sha256(path), "protocol": protocol}
+    config_key = {"resize_rule": ("evaluate.fid_resize", "--resize"),
+                  "image_side_px": ("evaluate.fid_image_side_px", "--image-side-px")}
+    for name, want in (preprocessing or {}).items():
+        if protocol and name in protocol and protocol[name] != want:
+            option, flag = config_key[name]
+            raise ProtocolError(f"{key}: {spec!r} was made with {name} {protocol[name]!r}, but {option} is "
+                                f"{want!r}; set {option}: {protocol[name]!r} (FID compares like with like), or "
+                                f"remake the statistics with `python -m pipeline.fid_stats {flag} ...`")
+    from pipeline.fid_inception import file_digest
 
-
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    return {"mu": mu, "sigma": sigma, "sha256": file_digest(path), "protocol": protocol}
 
 
 def fid_protocol(extractor: str, weights_sha256: str, resize_rule: str, image_side_px: int | None,

@@ -12,11 +12,12 @@ Preprocessing (`preprocess`), uint8 RGB [B, H, W, 3] ->
 - `pytorch_fid`: x / 255 in [0, 1] -> `F.interpolate(size=299, mode="bilinear", align_corners=False)`
   (no antialiasing) -> 2x - 1, exactly pytorch-fid's `InceptionV3(resize_input=True, normalize_input=True)`;
   what the released SwD evaluation and its reference statistics use.
-- `clean_fid`: clean-fid's resize rule (Parmar et al. 2022, `clean` mode): each channel resized to 299 as
-  a float image by PIL bicubic (antialiased), clipped to [0, 255]; then the same x / 127.5 - 1 into this
-  network. (clean-fid's own TorchScript Inception normalises inside; statistics made with clean-fid's
-  tools are comparable only with that exact network, so reference statistics for this rule should be made
-  with `pipeline.fid_stats --resize clean_fid`.)
+- `clean_fid`: clean-fid's `clean` mode (Parmar et al. 2022; `cleanfid/resize.py` `make_resizer("PIL",
+  False, "bicubic", (299, 299))`): each channel resized to 299 as a float32 PIL image by bicubic
+  (antialiased), clipped to [0, 255], never quantised; then clean-fid's normalisation (x - 128) / 128
+  (`cleanfid/inception_torchscript.py`, the TF graph's own). clean-fid runs these inputs through its
+  TorchScript port of the same TF graph; this is the pytorch-fid port, so reference statistics for this
+  rule are made with `python -m pipeline.fid_stats --resize clean_fid`, not taken from clean-fid's files.
 
 Commands:
   python -m pipeline.fid_inception convert pt_inception-2015-12-05-6726825d.pth fid_inception_v3.safetensors
@@ -211,7 +212,7 @@ def load(path: str | Path, device: str = "cpu", key: str = "evaluate.inception_w
 
 
 def preprocess(images, resize_rule: str):
-    """uint8 [B, H, W, 3] -> float32 [B, 3, 299, 299] in [-1, 1] by the named resize rule (module docstring)."""
+    """uint8 [B, H, W, 3] -> float32 [B, 3, 299, 299] in about [-1, 1] by the named rule (module docstring)."""
     import torch
     import torch.nn.functional as F
 
@@ -224,7 +225,7 @@ def preprocess(images, resize_rule: str):
         return 2 * x - 1
     if resize_rule == "clean_fid":
         x = torch.from_numpy(np.stack([clean_resize(im, INPUT_SIDE_PX) for im in images])).permute(0, 3, 1, 2)
-        return x / 127.5 - 1
+        return (x - 128) / 128
     raise ValueError(f"resize rule {resize_rule!r}: expected one of {', '.join(RESIZE_RULES)}")
 
 

@@ -21,8 +21,8 @@ LINE_PX = 12  # PIL's default bitmap font is ~11 px high
 
 
 def upscale_nearest(image: np.ndarray, side_px: int) -> np.ndarray:
-    """uint8 [H, W, 3] -> [side, side, 3] by an integer nearest-neighbour factor (never down; a side
-    that is not a multiple pads nothing: the factor is floor(side / H), at least 1)."""
+    """uint8 [H, W, 3] -> [k H, k W, 3], k = max(1, floor(side_px / H)): an integer nearest-neighbour
+    factor, never down (an image already larger than `side_px` stays as it is; no padding)."""
     factor = max(1, side_px // image.shape[0])
     return np.repeat(np.repeat(np.asarray(image), factor, axis=0), factor, axis=1)
 

@@ -23,7 +23,8 @@
   `model(x, return_features=True)` with x float32 [B, 3, 299, 299] in [0, 255] -> [B, 2048] pool3).
 - `ClipScorer`: image-text cosines of a transformers CLIP model at a local path or a hub id in the local
   Hugging Face cache (never downloaded). Two CLIP-score definitions, named in the metric:
-  `_clip_score` = torchmetrics' CLIPScore (Hessel et al. 2021, w = 100): 100 * max(cos, 0);
+  `_clip_score` = torchmetrics' CLIPScore (Hessel et al. 2021, w = 100): max(100 * mean(cos), 0), the
+  clamp on the mean as torchmetrics' `compute` applies it (per image alone: 100 * max(cos, 0));
   `_clip_cosine` = the released SwD evaluation's: the plain cosine (ViT-H/14). PickScore (`pickscore`):
   the PickScore model's logit, exp(logit_scale) * cos, as the PickScore paper scores an image.
 - `adherence`: the shapes oracle (`pipeline/oracle.py`) per attribute and overall.
@@ -345,13 +346,14 @@ class ClipScorer:
             return (img * txt).sum(-1).cpu().numpy()
 
     def __call__(self, images, prompts: Sequence[str]) -> np.ndarray:
-        """CLIPScore as torchmetrics defines it: 100 * max(cos, 0) per image."""
-        return clip_score_torchmetrics(self.cosines(images, prompts))
+        """CLIPScore of each image alone (torchmetrics on one image): 100 * max(cos, 0), float64 [N]."""
+        return 100 * np.clip(self.cosines(images, prompts).astype(np.float64), 0, None)
 
 
-def clip_score_torchmetrics(cosines) -> np.ndarray:
-    """torchmetrics / Hessel et al. 2021 CLIPScore with w = 100: 100 * max(cos, 0)."""
-    return 100 * np.clip(np.asarray(cosines, dtype=np.float64), 0, None)
+def clip_score_torchmetrics(cosines) -> float:
+    """torchmetrics' CLIPScore of a set of images (Hessel et al. 2021 with w = 100): torchmetrics sums
+    100 * cos over the images and clamps the mean, max(100 * mean(cos), 0) (`CLIPScore.compute`)."""
+    return max(100 * float(np.mean(np.asarray(cosines, dtype=np.float64))), 0.0)
 
 
 def pickscore(cosines, logit_scale: float) -> np.ndarray:

@@ -57,6 +57,10 @@ def test_the_fid_inception_matches_pytorch_fids_architecture(weights):
         e, x2 = model.Mixed_7c, torch.randn(1, 2048, 4, 4)
         out = e(x2)
         torch.testing.assert_close(out[:, -192:], _bn_relu(e.branch_pool, F.max_pool2d(x2, 3, 1, 1)), rtol=1e-4, atol=1e-4)
+        # FIDInceptionC (Mixed_6b-e) likewise average-pools without the padding
+        c, x4 = model.Mixed_6b, torch.randn(1, 768, 5, 5)
+        torch.testing.assert_close(c(x4)[:, -192:], _bn_relu(c.branch_pool, F.avg_pool2d(x4, 3, 1, 1,
+                                   count_include_pad=False)), rtol=1e-4, atol=1e-4)
         x3 = torch.randn(1, 1280, 4, 4)
         torch.testing.assert_close(model.Mixed_7b(x3)[:, -192:], _bn_relu(model.Mixed_7b.branch_pool,
                                    F.avg_pool2d(x3, 3, 1, 1, count_include_pad=False)), rtol=1e-4, atol=1e-4)
@@ -90,7 +94,8 @@ def test_preprocessing_rules():
 
     clean = fid_inception.preprocess(images, "clean_fid")
     channel = np.asarray(Image.fromarray(images[1, :, :, 2].astype(np.float32), mode="F").resize((299, 299), Image.BICUBIC))
-    np.testing.assert_allclose(clean[1, 2].numpy(), np.clip(channel, 0, 255) / 127.5 - 1, rtol=1e-5, atol=1e-5)
+    # clean-fid's normalisation (cleanfid/inception_torchscript.py): (x - 128) / 128
+    np.testing.assert_allclose(clean[1, 2].numpy(), (np.clip(channel, 0, 255) - 128) / 128, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="resize rule 'area'"):
         fid_inception.preprocess(images, "area")
     # the released evaluation's step before FID: Lanczos of the short side + centre crop
@@ -157,6 +162,23 @@ def test_fid_stats_command_folder_and_shards_and_the_reference_checks(tmp_path, 
     with pytest.raises(P.ProtocolError, match=r"was made with Inception weights sha256 .* but "
                                               r"evaluate\.inception_weights has"):
         P.load_reference_stats(str(out), 2048, "0" * 64)
+    # the recorded preprocessing must be the configured one
+    with pytest.raises(P.ProtocolError, match=r"made with image_side_px 32, but evaluate\.fid_image_side_px is "
+                                              r"256; set evaluate\.fid_image_side_px: 32"):
+        P.load_reference_stats(str(out), 2048, preprocessing={"resize_rule": "pytorch_fid", "image_side_px": 256})
+    with pytest.raises(P.ProtocolError, match=r"made with resize_rule 'pytorch_fid', but evaluate\.fid_resize is "
+                                              r"'clean_fid'"):
+        P.load_reference_stats(str(out), 2048, preprocessing={"resize_rule": "clean_fid"})
+    # ... and all of it is checked before Ray: the pre-flight names the key
+    from stages import evaluate
+
+    cfg = evaluate.Config(fid_reference_stats=str(out), inception_weights=str(weights), fid_image_side_px=32)
+    assert evaluate.file_problems(cfg) == []
+    other = random_inception(tmp_path / "other.safetensors", seed=1)
+    problems = evaluate.file_problems(cfg.model_copy(update={"inception_weights": str(other)}))
+    assert len(problems) == 1 and problems[0].startswith("evaluate.fid_reference_stats: ") and "sha256" in problems[0]
+    problems = evaluate.file_problems(cfg.model_copy(update={"fid_image_side_px": None}))
+    assert len(problems) == 1 and "evaluate.fid_image_side_px is None" in problems[0]
 
 
 def test_prompt_files_and_their_bad_inputs(tmp_path):
@@ -204,6 +226,11 @@ def test_preflight_names_every_missing_file_unless_optional(tmp_path):
     # config-level problems are config errors too
     with pytest.raises(ConfigError, match=r"evaluate\.fid_reference_stats: set without evaluate\.inception_weights"):
         load_config(overrides=["evaluate.fid_reference_stats=ref.npz"])
+    with pytest.raises(ConfigError, match=r"evaluate\.fid_reference_stats: null with evaluate\.prompts and "
+                                          r"evaluate\.inception_weights set"):
+        load_config(overrides=["evaluate.prompts=p.csv", "evaluate.inception_weights=w.safetensors"])
+    with pytest.raises(ConfigError, match=r"evaluate\.published\.student_fidd: not a metric the stage logs"):
+        load_config(overrides=["evaluate.published={student_fidd: 1}"])
 
 
 def test_clip_score_definitions_and_pickscore_on_a_tiny_random_clip(tmp_path):
@@ -222,6 +249,9 @@ def test_clip_score_definitions_and_pickscore_on_a_tiny_random_clip(tmp_path):
     direct = F.cosine_similarity(img, txt, dim=-1).numpy()
     np.testing.assert_allclose(cos, direct, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(scorer(images, prompts), 100 * np.clip(direct, 0, None), rtol=1e-4, atol=1e-3)
+    # torchmetrics' CLIPScore of a set clamps the mean (CLIPScore.compute), not each image
+    assert M.clip_score_torchmetrics([0.3, -0.1]) == pytest.approx(10.0)
+    assert M.clip_score_torchmetrics([-0.3, 0.1]) == 0.0
     scale = float(scorer.model.logit_scale.exp())
     np.testing.assert_allclose(M.pickscore(cos, scorer.logit_scale), scale * cos, rtol=1e-6)
     with pytest.raises(M.MetricError, match=r"evaluate\.pickscore_model .*no such directory.*pickscore_optional=true"):

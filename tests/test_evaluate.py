@@ -242,12 +242,17 @@ def test_missing_clip_or_inception_path_fails_before_any_work(tmp_path, inputs):
 
 
 def test_optional_metric_with_a_missing_path_is_skipped_with_a_warning(tmp_path):
+    from stages.evaluate.protocol import optional_file
+
+    cfg = evaluate.Config(clip_model=str(tmp_path / "no-clip"), clip_optional=True,
+                          inception_weights=str(tmp_path / "x.pt"), inception_optional=True)
     with pytest.warns(UserWarning, match=r"no-clip.*evaluate\.clip_optional is true: skipping that metric"):
-        assert evaluate._optional(str(tmp_path / "no-clip"), True, "clip_model", metrics.resolve_clip) is None
+        assert optional_file(cfg, "clip_model") is None
     with pytest.warns(UserWarning, match=r"evaluate\.inception_optional is true"):
-        assert evaluate._optional(str(tmp_path / "x.pt"), True, "inception_weights",
-                                  metrics.check_inception_weights) is None
-    assert evaluate._optional(None, False, "clip_model", metrics.resolve_clip) is None
+        assert optional_file(cfg, "inception_weights") is None
+    assert optional_file(evaluate.Config(), "clip_model") is None
+    with pytest.raises(metrics.MetricError, match=r"evaluate\.clip_model .*no-clip"):
+        optional_file(cfg.model_copy(update={"clip_optional": False}), "clip_model")
 
 
 def test_adherence_needs_the_shapes_grammar_or_attributes(tmp_path):

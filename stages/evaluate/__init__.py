@@ -52,7 +52,6 @@ from __future__ import annotations
 
 import json
 import time
-import warnings
 from typing import ClassVar, Literal
 
 from pydantic import Field, field_validator, model_validator
@@ -60,8 +59,7 @@ from pydantic import Field, field_validator, model_validator
 from pipeline.config import Section
 from pipeline.context import StageContext
 from pipeline import fid_inception
-from pipeline.eval_protocol import load_reference_stats
-from pipeline.eval_record import CANONICAL_METRICS, METRICS_FILE, PARENT_METRICS
+from pipeline.eval_record import CANONICAL_METRICS, GENERATORS, METRICS_FILE, PARENT_METRICS
 from pipeline.generate import GeneratorSpec, decode_png
 from pipeline.resources import actor_device, check_actor_dtype, gpus_per_actor
 from pipeline.samples import by_reason
@@ -72,7 +70,7 @@ from stages.evaluate.eval_set import (EvaluateError, adherence_targets, decode_r
 from stages.evaluate.generation import collect_images, generate
 from stages.evaluate.latency import latency_metrics, measure_latency
 from stages.evaluate.report import report_markdown, save_grid, save_strip
-from stages.evaluate.protocol import file_identity, file_problems, optional_file, prompt_samples
+from stages.evaluate.protocol import file_identity, file_problems, optional_file, prompt_samples, reference_stats
 from stages.evaluate.scoring import ScoreSpec, confidence_intervals, quality_metrics, score
 
 __all__ = ["Config", "VERSION", "SECTIONS", "OUTPUTS", "run", "external_fingerprint", "EvaluateError"]
@@ -117,7 +115,7 @@ class Config(Section):
     fd_image_side_px: int = Field(224, ge=32)
     score_batch_size: int = Field(64, ge=1)
     # CLIP: a local transformers CLIP directory or a hub id in the local Hugging Face cache; both the
-    # torchmetrics CLIPScore (`_clip_score`, 100 * max(cos, 0)) and the released cosine (`_clip_cosine`).
+    # torchmetrics CLIPScore (`_clip_score`, max(100 * mean cos, 0)) and the released cosine (`_clip_cosine`).
     clip_model: str | None = None
     clip_optional: bool = False
     # Side (px) images are resized to (bicubic) before the CLIP / PickScore processor; null: as generated
@@ -151,6 +149,10 @@ class Config(Section):
     # D x D eigendecomposition per resample (seconds at 5000 x 2048: use ~100 there).
     bootstrap_resamples: int = Field(1000, ge=0)
     bootstrap_seed: int = 0
+    # The paper's figures for this setting (SWD.md section 5), shown beside this evaluation's in report.md
+    # and metrics.json: {metric as logged, e.g. student_fid: value}; {}: none. Read by people, never compared
+    # automatically (a published FID is comparable only under the same protocol).
+    published: dict[str, float] = {}
     latency_warmup_batches: int = Field(1, ge=0)
     latency_repeats: int = Field(5, ge=1)
     grid_prompts: int = Field(8, ge=1)
@@ -168,9 +170,18 @@ class Config(Section):
     @model_validator(mode="after")
     def _protocol_complete(self):
         problems = []
+        known = set(CANONICAL_METRICS) | {f"{g}_{m}" for g in GENERATORS for m in ("clip_cosine", "pickscore_cosine")}
+        for key in sorted(set(self.published) - known):
+            problems.append(f"evaluate.published.{key}: not a metric the stage logs; use one of "
+                            f"{', '.join(sorted(known))}")
         if self.fid_reference_stats is not None and self.inception_weights is None:
             problems.append("evaluate.fid_reference_stats: set without evaluate.inception_weights; FID against "
                             "reference statistics needs the Inception weights they were made with")
+        if self.prompts is not None and self.inception_weights is not None and self.fid_reference_stats is None:
+            problems.append("evaluate.fid_reference_stats: null with evaluate.prompts and evaluate.inception_weights "
+                            "set; a prompt set has no reference images, so FID needs reference statistics (an "
+                            ".npz with mu and sigma; `python -m pipeline.fid_stats` makes one), or set "
+                            "evaluate.inception_weights to null")
         if self.pickscore_processor is not None and self.pickscore_model is None:
             problems.append("evaluate.pickscore_processor: set without evaluate.pickscore_model")
         if problems:
@@ -214,10 +225,11 @@ def run(ctx: StageContext) -> None:
     inception = optional_file(cfg, "inception_weights")
     reference_file = optional_file(cfg, "fid_reference_stats") if inception else None
     inception_sha256 = fid_inception.file_digest(inception) if inception else None
-    # the reference statistics, checked against the extractor's dimension and the weights they were made with
-    reference = load_reference_stats(cfg.fid_reference_stats, fid_inception.FEATURE_DIM, inception_sha256) \
-        if reference_file and str(inception).endswith(".safetensors") else \
-        (load_reference_stats(cfg.fid_reference_stats, _torchscript_dim(inception)) if reference_file else None)
+    # the reference statistics, checked against the extractor: its dimension, the weights and preprocessing
+    # they were made with
+    reference = reference_stats(cfg, inception) if reference_file else None
+    if cfg.prompts is not None and reference is None:
+        inception = inception_sha256 = None  # a prompt set has FID only against reference statistics
 
     # 1. the eval set: the eval shards (prompts + reference images), or a prompt file (issue 17)
     if cfg.prompts is not None:
@@ -298,6 +310,7 @@ def run(ctx: StageContext) -> None:
               "fd_image_side_px": cfg.fd_image_side_px, "image_side_px": side,
               "clip_model": clip_model, "inception_weights": str(inception) if inception else None,
               "pickscore_model": pickscore_model, "prompts": cfg.prompts, "protocols": protocols,
+              "published": dict(cfg.published),
               "bootstrap": {"resamples": cfg.bootstrap_resamples, "seed": cfg.bootstrap_seed, "paired": True,
                             "level": 0.95, "seconds": round(bootstrap_s, 2)},
               "generate_s": round(generate_s, 2), "score_s": round(score_s, 2),
@@ -356,32 +369,6 @@ def _protocols(cfg: Config, samples: list[dict], prompt_set: bool, inception, in
         out["fd"] = fid_protocol(M.FD_EXTRACTOR, "efficientnet-lite0-57934424", "bicubic_antialias",
                                  cfg.fd_image_side_px, n, images_ref)
     return out
-
-
-def _torchscript_dim(inception) -> int:
-    """The feature dimension of a TorchScript FID hook (one probe image)."""
-    import numpy as np
-
-    from pipeline import metrics as M
-
-    return int(M.InceptionFeatures(inception)(np.zeros((1, 32, 32, 3), np.uint8)).shape[1])
-
-
-def _optional(spec: str | None, optional: bool, key: str, check):
-    """A configured optional metric's resolved location, None when off; a missing one raises unless
-    the config marks it optional (then a warning, and the metric is skipped)."""
-    from pipeline.metrics import MetricError
-
-    if spec is None:
-        return None
-    try:
-        return check(spec)
-    except MetricError as e:
-        if not optional:
-            raise
-        warnings.warn(f"{e}; evaluate.{key.split('_')[0]}_optional is true: skipping that metric", stacklevel=2)
-        print(f"[evaluate] warning: {e} -- skipped (optional)", flush=True)
-        return None
 
 
 def _describe(spec: GeneratorSpec, timing: dict) -> dict:

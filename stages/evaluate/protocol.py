@@ -46,20 +46,43 @@ def check_file(cfg: Config, key: str, spec: str):
     if key == "inception_weights":
         return check_inception_weights(spec)
     if key == "fid_reference_stats":
+        from pipeline.fid_inception import FEATURE_DIM
+
         path = Path(os.path.expanduser(spec))
         if not path.is_file():
             raise ProtocolError(f"evaluate.fid_reference_stats {spec!r}: no such file ({path.absolute()}); place "
                                 f"the reference .npz there (cluster/README.md) or make one with `python -m "
                                 f"pipeline.fid_stats`, or set evaluate.inception_optional=true to skip FID")
-        load_reference_stats(spec, feature_dim_of(cfg.inception_weights))
+        weights = Path(os.path.expanduser(cfg.inception_weights)) if cfg.inception_weights else None
+        if weights is not None and weights.is_file():  # (a missing one is its own problem line)
+            reference_stats(cfg, weights, FEATURE_DIM)  # pool3; a TorchScript hook is probed in the stage
+        else:
+            load_reference_stats(spec, FEATURE_DIM)
         return path
     return resolve_clip(spec, f"evaluate.{key}")
 
 
-def feature_dim_of(inception_weights: str | None) -> int:
-    from pipeline.fid_inception import FEATURE_DIM
+def reference_stats(cfg: Config, inception, feature_dim: int | None = None) -> dict:
+    """`evaluate.fid_reference_stats` loaded and checked against the FID extractor at `inception`:
+    pytorch-fid's `.safetensors` weights by their digest and by `fid_resize` / `fid_image_side_px`, as far as
+    the file records how it was made; a TorchScript hook by its feature dimension (`feature_dim`, or None:
+    probed with one image)."""
+    from pipeline import fid_inception
 
-    return FEATURE_DIM  # pool3; a TorchScript hook is checked when its first features arrive
+    if str(inception).endswith(".safetensors"):
+        return load_reference_stats(cfg.fid_reference_stats, fid_inception.FEATURE_DIM,
+                                    fid_inception.file_digest(inception),
+                                    {"resize_rule": cfg.fid_resize, "image_side_px": cfg.fid_image_side_px})
+    return load_reference_stats(cfg.fid_reference_stats, feature_dim or _torchscript_dim(inception))
+
+
+def _torchscript_dim(inception) -> int:
+    """The feature dimension of a TorchScript FID hook (one probe image)."""
+    import numpy as np
+
+    from pipeline import metrics as M
+
+    return int(M.InceptionFeatures(inception)(np.zeros((1, 32, 32, 3), np.uint8)).shape[1])
 
 
 def optional_file(cfg: Config, key: str):

@@ -78,6 +78,7 @@ def report_markdown(record: dict, grid_prompts: list[str], with_adherence: bool)
         lines.append("| " + " | ".join(row) + " |")
     if with_adherence and "data_adherence" in v:
         lines += ["", f"Oracle adherence of the reference images themselves: {f('data_adherence', '{:.3f}')}."]
+    lines += published_lines(v, record.get("published") or {})
     lines += gap_sentences(v, record.get("bootstrap") or {})
     lines += protocol_lines(record.get("protocols") or {})
     fd_line = (f"- FD: Frechet distance between Gaussians fitted to {record['fd_extractor']} features (ImageNet "
@@ -88,7 +89,7 @@ def report_markdown(record: dict, grid_prompts: list[str], with_adherence: bool)
         f"- FD: on the prompt set ({record['prompts']}) FD is the FID: pool3 features of pytorch-fid's Inception "
         f"against the reference statistics (the protocol below).")
     lines += ["", "## How each number is measured", fd_line,
-              "- CLIP score (torchmetrics): 100 * max(cos, 0) of the CLIP image and text embeddings; CLIP cosine "
+              "- CLIP score (torchmetrics): max(100 * mean cos, 0) of the CLIP image and text embeddings; CLIP cosine "
               "(released): the plain cosine, as the released SwD evaluation reports it (ViT-H/14). PickScore: "
               "exp(logit_scale) * cos of the PickScore model, as the PickScore paper; PickScore cosine: the "
               "released code's number.",
@@ -113,9 +114,10 @@ def gap_sentences(v: dict, bootstrap: dict) -> list[str]:
     """One sentence per gap (student - teacher, baseline - student; adherence and FD): the point
     difference, its paired-bootstrap 95% interval, and whether the interval calls it real (excludes 0)."""
     from pipeline.bootstrap import is_real
+    from pipeline.eval_record import INTERVAL_PAIRS
 
     out = []
-    for a, b in (("student", "teacher"), ("baseline", "student")):
+    for a, b in INTERVAL_PAIRS:
         for metric, better in (("adherence", "higher"), ("fd", "lower")):
             lo, hi = v.get(f"{a}_minus_{b}_{metric}_ci95_low"), v.get(f"{a}_minus_{b}_{metric}_ci95_high")
             if lo is None or hi is None or f"{a}_{metric}" not in v or f"{b}_{metric}" not in v:
@@ -131,6 +133,17 @@ def gap_sentences(v: dict, bootstrap: dict) -> list[str]:
             f"{bootstrap.get('resamples', '?')} resamples of the prompts (seed {bootstrap.get('seed', '?')}); each "
             f"resample scores every generator and the reference set on the same prompt indices; percentile "
             f"intervals. A gap is called real only when its interval excludes 0.", *out]
+
+
+def published_lines(v: dict, published: dict) -> list[str]:
+    """This evaluation's number beside the paper's (`evaluate.published`, SWD.md section 5) per metric."""
+    if not published:
+        return []
+    out = ["", "## Beside the paper (evaluate.published; comparable only under the paper's protocol)",
+           "| metric | this evaluation | paper |", "|---|---|---|"]
+    for key, paper in published.items():
+        out.append(f"| {key} | {format(v[key], '.4g') if key in v else '-'} | {paper:.4g} |")
+    return out
 
 
 def protocol_lines(protocols: dict) -> list[str]:

@@ -8,6 +8,7 @@ import json
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from pipeline.eval_record import INTERVAL_PAIRS
 from pipeline.resources import worker_runtime_env
 from stages.evaluate.eval_set import decode_reference
 
@@ -138,7 +139,7 @@ def quality_metrics(scores: dict, names: list[str], targets: list | None, refere
             if fid_is_fd:
                 values[f"{name}_fd"] = values[f"{name}_fid"]
         if "clip_cos" in s:
-            values[f"{name}_clip_score"] = float(np.mean(M.clip_score_torchmetrics(s["clip_cos"])))
+            values[f"{name}_clip_score"] = M.clip_score_torchmetrics(s["clip_cos"])
             values[f"{name}_clip_cosine"] = float(np.mean(s["clip_cos"]))
         if "pick_cos" in s:
             values[f"{name}_pickscore"] = float(np.mean(M.pickscore(s["pick_cos"], s["pick_scale"][0])))
@@ -151,7 +152,7 @@ def quality_metrics(scores: dict, names: list[str], targets: list | None, refere
         if targets is not None:  # the oracle on the reference images: the ceiling of adherence
             values["data_adherence"] = M.adherence_of(scores["data"]["oracle"], targets)["all"]
         if "clip_cos" in scores["data"]:
-            values["data_clip_score"] = float(np.mean(M.clip_score_torchmetrics(scores["data"]["clip_cos"])))
+            values["data_clip_score"] = M.clip_score_torchmetrics(scores["data"]["clip_cos"])
     return values
 
 
@@ -165,7 +166,11 @@ def confidence_intervals(scores: dict, names: list[str], targets: list | None, c
     from pipeline import bootstrap as B
     from pipeline import metrics as M
 
-    n = len(next(iter(scores[names[0]].values())))
+    first = scores[names[0]]
+    prompt_set_fd = "fd" not in first and "fid" in first and reference is not None  # `_fd` is the FID
+    if targets is None and "fd" not in first and not prompt_set_fd:
+        return {}  # neither adherence nor an FD to resample
+    n = len(first["fd"] if "fd" in first else first["fid"] if prompt_set_fd else targets)
     idx = B.resample_indices(n, cfg.bootstrap_resamples, cfg.bootstrap_seed)
     resampled: dict[str, dict] = {}
     for name in names:
@@ -175,7 +180,7 @@ def confidence_intervals(scores: dict, names: list[str], targets: list | None, c
                                                              for r, t in zip(s["oracle"], targets)]), idx)
         if "fd" in s:
             mine["fd"] = B.fd_resamples(s["fd"], scores["data"]["fd"], idx)
-        elif "fid" in s and reference is not None:  # a prompt set: `_fd` is the FID against fixed statistics
+        elif prompt_set_fd:  # against the fixed statistics: only the generated side is resampled
             mine["fd"] = B.fd_resamples(s["fid"], (reference["mu"], reference["sigma"]), idx)
         resampled[name] = mine
-    return B.intervals(resampled, [("student", "teacher"), ("baseline", "student")])
+    return B.intervals(resampled, list(INTERVAL_PAIRS))
