@@ -65,8 +65,11 @@ TIME_TOLERANCE = 0.2  # a timing ratio within 1 +- 0.2 is "within noise" on a sh
 BUDGETS = {
     "quick": ["distill.num_steps=30", "evaluate.max_prompts=48", "evaluate.batch_size=16", "evaluate.latency_repeats=2"],
     "tiny": ["distill.num_steps=2", "distill.checkpoint_every_steps=2", "distill.sample_every_steps=2",
+             "distill.batch_size_per_worker=2", "distill.fake_updates_per_step=1", "distill.sample_num_prompts=2",
+             "swd.student.lora_rank=4", "swd.fake.lora_rank=4",
              "evaluate.max_prompts=8", "evaluate.batch_size=4", "evaluate.latency_warmup_batches=0",
-             "evaluate.latency_repeats=1", "evaluate.grid_prompts=2"],
+             "evaluate.latency_repeats=1", "evaluate.grid_prompts=2", "evaluate.teacher_sampler.num_steps=2",
+             "evaluate.bootstrap_resamples=50"],
     "config": [],
 }
 
