@@ -677,7 +677,8 @@ class Model:
         generators = 3 if e.baseline else 2
         per_prompt += scoring_flops_per_image(e) * (generators + (0 if e.prompts else 1))  # + the reference images
         where = f"prompt set {Path(e.prompts).name}" if e.prompts else "eval shards"
-        out["evaluate"] = _stage_time(per_prompt * prompts, e.num_actors, flops_per_s,
+        # null: one actor per GPU of the cluster; the plan takes the distill workers' GPUs as the cluster's
+        out["evaluate"] = _stage_time(per_prompt * prompts, e.num_actors or cfg.ray.num_gpus or d.num_workers, flops_per_s,
                                       f"{prompts} prompts ({where}) x (student, teacher{', baseline' if e.baseline else ''})"
                                       f", generation + scoring")
         out["total_hours"] = sum(v["hours"] for v in out.values() if isinstance(v, dict))

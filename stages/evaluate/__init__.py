@@ -61,7 +61,7 @@ from pipeline.context import StageContext
 from pipeline import fid_inception
 from pipeline.eval_record import CANONICAL_METRICS, GENERATORS, METRICS_FILE, PARENT_METRICS
 from pipeline.generate import GeneratorSpec, decode_png
-from pipeline.resources import actor_device, check_actor_dtype, gpus_per_actor
+from pipeline.resources import actor_count, actor_device, check_actor_dtype, gpus_per_actor
 from pipeline.samples import by_reason
 from pipeline.student_export import read_schedule
 from pipeline.teacher import TeacherSampler
@@ -100,7 +100,9 @@ class Config(Section):
     max_bad_fraction: float = Field(0.01, ge=0, le=1)
     seed: int = 0
     batch_size: int = Field(32, ge=1)  # prompts per generation call, and per timed latency call
-    num_actors: int = Field(1, ge=1)
+    # Actors per Ray Data pool (generation, scoring). null: one per `num_gpus_per_actor` of the cluster's GPUs
+    # (a pool that fills the cluster; 1 on a CPU-only one).
+    num_actors: int | None = Field(None, ge=1)
     num_cpus_per_actor: float = Field(2.0, gt=0)
     num_gpus_per_actor: float | None = Field(None, ge=0)  # null: 1 when the Ray cluster has GPUs
     teacher_sampler: TeacherSampler = TeacherSampler()  # the `teacher` generator's steps and guidance
@@ -242,6 +244,7 @@ def run(ctx: StageContext) -> None:
     targets = adherence_targets(samples, cfg.adherence)
 
     gpus = gpus_per_actor(cfg.num_gpus_per_actor)
+    num_actors = actor_count(cfg.num_actors, gpus)
     device = actor_device(gpus)
     check_actor_dtype(teacher_cfg.dtype, gpus, "evaluate actors", "evaluate.num_gpus_per_actor")
     location = str(resolve_pretrained(bundle_location(ctx.inputs["teacher"]), teacher_cfg.local_files_only))
@@ -258,13 +261,13 @@ def run(ctx: StageContext) -> None:
         specs["baseline"] = GeneratorSpec(name="baseline", student_dir=str(ctx.inputs["distill_baseline"]),
                                           **sampler, **common)
     print(f"[evaluate] {len(prompts)} eval prompts from {len(urls)} shard(s); generators {', '.join(specs)}; "
-          f"{cfg.num_actors} actor(s) x ({cfg.num_cpus_per_actor} CPU, {gpus} GPU) on {device}", flush=True)
+          f"{num_actors} actor(s) x ({cfg.num_cpus_per_actor} CPU, {gpus} GPU) on {device}", flush=True)
 
     # 2. generation (Ray Data), the same chunks and seeds for every generator; the images stay in
     # Ray's object store (materialized), the driver takes only the grid's rows
     chunks = make_chunks(prompts, cfg.batch_size, cfg.seed)
     t0 = time.monotonic()
-    generated = generate(chunks, list(specs.values()), cfg, gpus)
+    generated = generate(chunks, list(specs.values()), cfg, gpus, num_actors)
     generate_s = time.monotonic() - t0
     side = int(decode_png(generated.take(1)[0]["image_bytes"]).shape[0])
     print(f"[evaluate] generated {len(specs)} x {len(prompts)} images of {side} px in {generate_s:.1f} s", flush=True)
@@ -278,7 +281,7 @@ def run(ctx: StageContext) -> None:
                            clip_image_side_px=cfg.clip_image_side_px, pickscore_model=pickscore_model,
                            pickscore_processor=pickscore_processor)
     t0 = time.monotonic()
-    scores = score(generated if prompt_set else generated.union(reference_dataset(samples)), score_spec, cfg, gpus)
+    scores = score(generated if prompt_set else generated.union(reference_dataset(samples)), score_spec, cfg, gpus, num_actors)
     score_s = time.monotonic() - t0
     values = quality_metrics(scores, list(specs), targets, reference, fid_is_fd=prompt_set)
     print(f"[evaluate] scored {len(specs) + (0 if prompt_set else 1)} x {len(prompts)} images in {score_s:.1f} s",

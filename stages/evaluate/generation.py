@@ -45,7 +45,7 @@ class GenerateActor:
                 "image_bytes": np.asarray([encode_png(im) for im in np.concatenate(images)], dtype=object)}
 
 
-def generate(chunks: list[dict], specs: list[GeneratorSpec], cfg: Config, gpus: float):
+def generate(chunks: list[dict], specs: list[GeneratorSpec], cfg: Config, gpus: float, num_actors: int):
     """Every chunk of every generator through one `GenerateActor` pool -> a materialized dataset of
     rows (generator, index, prompt, image_bytes: lossless PNG). Rows go in generator by generator, so
     an actor mostly runs one generator at a time."""
@@ -54,7 +54,7 @@ def generate(chunks: list[dict], specs: list[GeneratorSpec], cfg: Config, gpus: 
     items = [{"generator": spec.name, **chunk} for spec in specs for chunk in chunks]
     ds = ray.data.from_items(items, override_num_blocks=len(items))
     ds = ds.map_batches(GenerateActor, batch_size=1, batch_format="numpy", fn_constructor_kwargs={"specs": specs},
-                        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cfg.num_actors),
+                        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=num_actors),
                         num_cpus=cfg.num_cpus_per_actor, num_gpus=gpus, runtime_env=worker_runtime_env())
     return ds.materialize()
 

@@ -89,7 +89,7 @@ def _resized(images, side: int | None):
     return np.stack([np.asarray(Image.fromarray(im).resize((side, side), Image.BICUBIC)) for im in images])
 
 
-def score(ds, spec: ScoreSpec, cfg: Config, gpus: float) -> dict:
+def score(ds, spec: ScoreSpec, cfg: Config, gpus: float, num_actors: int) -> dict:
     """{generator or "data": {"fd": [N, 1280], "clip_cos": [N], "pick_cos": [N], "pick_scale": [N],
     "fid": [N, 2048], "oracle": [N readings]}} (keys as configured)."""
     import numpy as np
@@ -97,7 +97,7 @@ def score(ds, spec: ScoreSpec, cfg: Config, gpus: float) -> dict:
 
     ds = ds.map_batches(ScoreActor, batch_size=cfg.score_batch_size, batch_format="numpy",
                         fn_constructor_kwargs={"spec": spec},
-                        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cfg.num_actors),
+                        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=num_actors),
                         num_cpus=cfg.num_cpus_per_actor, num_gpus=gpus, runtime_env=worker_runtime_env())
     rows = ds.take_all()
     out: dict[str, dict] = {}
