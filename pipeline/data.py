@@ -78,3 +78,61 @@ def _shown(pattern: str) -> list[str]:
     expanded = list(braceexpand(pattern))
     shown = [os.path.abspath(p) if "://" not in p else p for p in expanded[:3]]
     return shown + ([f"... {len(expanded) - 3} more"] if len(expanded) > 3 else [])
+
+
+# ----------------------------------------------------------------------------- prompt files
+
+PROMPT_FILE_FORMATS = (".txt", ".parquet", ".csv")
+
+
+class PromptFileError(ValueError):
+    """A prompt file that cannot be read as one: the message names the config key and the fix."""
+
+
+def read_prompt_values(spec: str, column: str, key: str, column_key: str) -> list[str]:
+    """Every prompt of a prompt file, stripped, in order (empty ones kept: the caller decides): `.txt` one
+    per line (a final newline is not a prompt), or the `column` of a `.csv` / `.parquet` file; a local path
+    or a pyarrow-filesystem URI. `key` / `column_key` are the config keys the errors name (e.g.
+    `data.prompts` / `data.prompt_column`). The synthesize stage and the evaluate stage's prompt set read
+    their files with it."""
+    suffix = Path(spec.split("?", 1)[0]).suffix.lower()
+    if suffix not in PROMPT_FILE_FORMATS:
+        raise PromptFileError(f"{key}: {spec!r}: unknown format {suffix or '(no suffix)'!r}; expected one of "
+                              f"{', '.join(PROMPT_FILE_FORMATS)}")
+    try:
+        with open_binary(spec) as f:
+            raw = f.read()
+    except OSError as e:
+        raise PromptFileError(f"{key}: {spec!r} cannot be read ({e.strerror or e}); give an existing prompt "
+                              f"file") from None
+    if suffix == ".txt":
+        lines = raw.decode("utf-8", errors="replace").splitlines()
+        values = lines[:-1] if lines and not lines[-1].strip() else lines
+    elif suffix == ".csv":
+        import csv
+        import io
+
+        reader = csv.DictReader(io.StringIO(raw.decode("utf-8", errors="replace")))
+        if column not in (reader.fieldnames or []):
+            raise PromptFileError(f"{column_key}: {column!r} is not a column of {spec} (columns: "
+                                  f"{reader.fieldnames}); set {column_key}")
+        values = [row[column] or "" for row in reader]
+    else:
+        import io
+
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(io.BytesIO(raw))
+        if column not in table.column_names:
+            raise PromptFileError(f"{column_key}: {column!r} is not a column of {spec} (columns: "
+                                  f"{table.column_names}); set {column_key}")
+        values = ["" if v is None else str(v) for v in table.column(column).to_pylist()]
+    return [v.strip() for v in values]
+
+
+def open_binary(spec: str):
+    """A local path or a pyarrow-filesystem URI, as a binary file object."""
+    if "://" not in spec:
+        return open(os.path.expanduser(spec), "rb")
+    fs, path = pafs.FileSystem.from_uri(spec)
+    return fs.open_input_stream(path)

@@ -15,16 +15,14 @@ record every FID carries (pure numpy; no Ray, no MLflow).
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import io
 import json
 import os
 from pathlib import Path
 
 import numpy as np
 
-PROMPT_FORMATS = (".txt", ".csv", ".parquet")
+from pipeline.data import PromptFileError, read_prompt_values
 
 
 class ProtocolError(ValueError):
@@ -32,36 +30,12 @@ class ProtocolError(ValueError):
 
 
 def read_prompts(spec: str, column: str, key: str = "evaluate.prompts") -> list[str]:
-    """Every prompt of the file, in order; raises naming `key` for an unknown format, an unreadable or
-    empty file, a missing column, or an empty prompt."""
-    path = Path(os.path.expanduser(spec))
-    suffix = path.suffix.lower()
-    if suffix not in PROMPT_FORMATS:
-        raise ProtocolError(f"{key}: {spec!r}: unknown format {suffix or '(no suffix)'!r}; expected one of "
-                            f"{', '.join(PROMPT_FORMATS)}")
+    """Every prompt of the file, in order (`pipeline.data.read_prompt_values`); raises naming `key` for an
+    unknown format, an unreadable or empty file, a missing column, or an empty prompt."""
     try:
-        raw = path.read_bytes()
-    except OSError as e:
-        raise ProtocolError(f"{key}: {spec!r} cannot be read ({e.strerror}); give a prompt file (e.g. the "
-                            f"released COCO 5K prompts, cluster/README.md)") from None
-    if suffix == ".txt":
-        lines = raw.decode("utf-8", errors="replace").splitlines()
-        values = lines[:-1] if lines and not lines[-1].strip() else lines
-    elif suffix == ".csv":
-        reader = csv.DictReader(io.StringIO(raw.decode("utf-8", errors="replace")))
-        if column not in (reader.fieldnames or []):
-            raise ProtocolError(f"evaluate.prompt_column: {column!r} is not a column of {spec} (columns: "
-                                f"{reader.fieldnames}); set evaluate.prompt_column")
-        values = [row[column] or "" for row in reader]
-    else:
-        import pyarrow.parquet as pq
-
-        table = pq.read_table(io.BytesIO(raw))
-        if column not in table.column_names:
-            raise ProtocolError(f"evaluate.prompt_column: {column!r} is not a column of {spec} (columns: "
-                                f"{table.column_names}); set evaluate.prompt_column")
-        values = ["" if v is None else str(v) for v in table.column(column).to_pylist()]
-    prompts = [v.strip() for v in values]
+        prompts = read_prompt_values(spec, column, key, "evaluate.prompt_column")
+    except PromptFileError as e:
+        raise ProtocolError(str(e)) from None
     if not prompts:
         raise ProtocolError(f"{key}: {spec!r} holds no prompt; give a file with one prompt per line, or a "
                             f"{column!r} column")

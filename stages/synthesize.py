@@ -39,9 +39,7 @@ Steps:
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import io
 import json
 import os
 import tarfile
@@ -56,6 +54,7 @@ from pydantic import Field
 from pipeline import samples
 from pipeline.config import Section
 from pipeline.context import StageContext
+from pipeline.data import PROMPT_FILE_FORMATS, PromptFileError, open_binary, read_prompt_values
 from pipeline.resources import actor_count, actor_device, check_actor_dtype, gpus_per_actor, worker_runtime_env
 from pipeline.teacher import TeacherSampler
 
@@ -66,7 +65,6 @@ SKIPPED_FILE = "skipped.jsonl"
 GRID_FILE = "samples.png"
 OUTPUTS = ("shards.json", SUMMARY_FILE, SKIPPED_FILE, GRID_FILE)
 FORMAT_VERSION = 1  # of the generated shards' members; part of every shard name
-FILE_FORMATS = (".txt", ".parquet", ".csv")
 
 
 class SynthesizeError(ValueError):
@@ -284,7 +282,7 @@ def shard_kind(url: str) -> tuple[str, list[dict]]:
     cannot be opened one `unreadable_shard`)."""
     members: set[str] = set()
     try:
-        with _open(url) as f, tarfile.open(fileobj=f, mode="r|*") as tar:
+        with open_binary(url) as f, tarfile.open(fileobj=f, mode="r|*") as tar:
             first = None
             for info in tar:
                 split = samples.split_member(info.name)
@@ -320,49 +318,17 @@ def read_prompt_shard(url: str) -> tuple[list[Prompt], list[dict]]:
 
 
 def read_prompt_file(spec: str, column: str) -> list[Prompt]:
-    """Prompts of `data.prompts`: `.txt` one per line (blank lines count as empty prompts), or the
-    `column` of a `.parquet` / `.csv` file. Keys are `p<row>` (0-based)."""
-    suffix = Path(spec.split("?", 1)[0]).suffix.lower()
-    if suffix not in FILE_FORMATS:
-        raise SynthesizeError(f"data.prompts: {spec!r}: unknown format {suffix or '(no suffix)'!r}; expected one "
-                              f"of {', '.join(FILE_FORMATS)}")
+    """Prompts of `data.prompts` (`pipeline.data.read_prompt_values`: .txt one per line, blank lines count
+    as empty prompts, or the `column` of a .parquet / .csv file). Keys are `p<row>` (0-based)."""
     try:
-        with _open(spec) as f:
-            raw = f.read()
-    except OSError as e:
-        raise SynthesizeError(f"data.prompts: {spec!r} cannot be read ({e})") from e
-    if suffix == ".txt":
-        lines = raw.decode("utf-8", errors="replace").splitlines()
-        values = lines[:-1] if lines and not lines[-1].strip() else lines  # a final newline is not a prompt
-    elif suffix == ".csv":
-        reader = csv.DictReader(io.StringIO(raw.decode("utf-8", errors="replace")))
-        if column not in (reader.fieldnames or []):
-            raise SynthesizeError(f"data.prompt_column: {column!r} is not a column of {spec} (columns: "
-                                  f"{reader.fieldnames}); set data.prompt_column")
-        values = [row[column] or "" for row in reader]
-    else:
-        import pyarrow.parquet as pq
-
-        table = pq.read_table(io.BytesIO(raw))
-        if column not in table.column_names:
-            raise SynthesizeError(f"data.prompt_column: {column!r} is not a column of {spec} (columns: "
-                                  f"{table.column_names}); set data.prompt_column")
-        values = ["" if v is None else str(v) for v in table.column(column).to_pylist()]
-    prompts = [Prompt(f"p{i:08d}", v.strip()) for i, v in enumerate(values)]
+        values = read_prompt_values(spec, column, "data.prompts", "data.prompt_column")
+    except PromptFileError as e:
+        raise SynthesizeError(str(e)) from None
+    prompts = [Prompt(f"p{i:08d}", v) for i, v in enumerate(values)]
     if not any(p.text for p in prompts):
         raise SynthesizeError(f"data.prompts: {spec!r} holds no prompt ({len(prompts)} empty line(s)/row(s)); "
                               f"give a file with one prompt per line, or a {column!r} column")
     return prompts
-
-
-def _open(spec: str):
-    """A local path or a pyarrow-filesystem URI, as a binary file object."""
-    if "://" not in spec:
-        return open(os.path.expanduser(spec), "rb")
-    import pyarrow.fs as pafs
-
-    fs, path = pafs.FileSystem.from_uri(spec)
-    return fs.open_input_stream(path)
 
 
 class TokenLimit:
@@ -564,7 +530,7 @@ def prompt_file_problems(data) -> list[str]:
     path = Path(os.path.expanduser(data.prompts))
     if not path.is_file():
         return [f"data.prompts: {data.prompts!r} does not exist (looked for {path.resolve()}); give a prompt "
-                f"file ({', '.join(FILE_FORMATS)})"]
+                f"file ({', '.join(PROMPT_FILE_FORMATS)})"]
     try:
         read_prompt_file(str(path), data.prompt_column)
     except SynthesizeError as e:
