@@ -269,24 +269,23 @@ def run_stage(args) -> dict:
             save()
             say(f"ZeRO-{args.zero_stage}: built in {out['build_s']} s on {device}"
                 + (f" ({out['gpu']['name']}); allocated {out['after_build']['allocated_gib']:.2f} GiB" if cuda else ""))
-            for step in range(1, args.warmup + args.steps + 1):
-                parts: dict = {"scale_index": float(i)}
-                phase = "fake update"
+            def measured(name: str, update, step: int, parts: dict):
+                """One phase of a step: (its result, seconds, peak memory), the phase named for an OOM report."""
+                nonlocal phase
+                phase = name
                 reset()
                 t0 = time.monotonic()
-                fake_ok = trainer.fake_updates(step, i, parts)
+                ok = update(step, i, parts)
                 sync()
-                fake_s = time.monotonic() - t0
-                fake_peak = peaks()
-                phase = "generator step"
-                reset()
-                t1 = time.monotonic()
-                generator_ok = trainer.generator_update(step, i, parts)
-                sync()
-                generator_s = time.monotonic() - t1
+                return ok, time.monotonic() - t0, peaks()
+
+            for step in range(1, args.warmup + args.steps + 1):
+                parts: dict = {"scale_index": float(i)}
+                fake_ok, fake_s, fake_peak = measured("fake update", trainer.fake_updates, step, parts)
+                generator_ok, generator_s, generator_peak = measured("generator step", trainer.generator_update, step, parts)
                 record = {"step": step, "timed": step > args.warmup, "fake_s": round(fake_s, 3),
                           "generator_s": round(generator_s, 3), "step_s": round(fake_s + generator_s, 3), "fake_ok": fake_ok,
-                          "generator_ok": generator_ok, "fake_peak": fake_peak, "generator_peak": peaks(),
+                          "generator_ok": generator_ok, "fake_peak": fake_peak, "generator_peak": generator_peak,
                           "losses": {k: float(v) for k, v in parts.items() if k != "scale_index"}}
                 out["steps"].append(record)
                 out["status"] = f"step {step}"

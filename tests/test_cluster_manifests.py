@@ -259,21 +259,20 @@ def test_mlflow_server_uses_postgres_and_s3_with_credentials_from_secrets():
         assert {"name": "MLFLOW_TRACKING_URI", "value": tracking} in c["env"]
 
 
+def dict_nodes(node):
+    """Every mapping in a parsed manifest, depth first."""
+    if isinstance(node, dict):
+        yield node
+        for v in node.values():
+            yield from dict_nodes(v)
+    elif isinstance(node, list):
+        for v in node:
+            yield from dict_nodes(v)
+
+
 def test_every_secret_used_is_documented_with_its_keys():
-    used = set()
-
-    def walk(node):
-        if isinstance(node, dict):
-            if "secretKeyRef" in node:
-                used.add((node["secretKeyRef"]["name"], node["secretKeyRef"]["key"]))
-            for v in node.values():
-                walk(v)
-        elif isinstance(node, list):
-            for v in node:
-                walk(v)
-
-    for _, d in all_objects():
-        walk(d)
+    used = {(node["secretKeyRef"]["name"], node["secretKeyRef"]["key"])
+            for _, d in all_objects() for node in dict_nodes(d) if "secretKeyRef" in node}
     used.add(("swd-ray-token", "auth_token"))  # authOptions.secretName
     readme = (CLUSTER / "README.md").read_text()
     documented = {(m.group(1), k) for m in re.finditer(r"kubectl -n swd create secret generic (\S+)(.*)", readme)
@@ -464,19 +463,11 @@ def test_ray_pods_carry_the_pipeline_user_and_submitters_no_mlflow_credential():
 
 def test_no_credential_is_written_into_a_manifest():
     """Every env var named like a credential comes from a Secret, never a literal value."""
-    def walk(node):
-        if isinstance(node, dict):
+    for _, d in all_objects():
+        for node in dict_nodes(d):
             if "name" in node and re.search(r"PASSWORD|SECRET|TOKEN|USERNAME|_USER$", str(node["name"])) \
                     and ("value" in node or "valueFrom" in node):
                 assert "secretKeyRef" in node.get("valueFrom", {}), node["name"]
-            for v in node.values():
-                walk(v)
-        elif isinstance(node, list):
-            for v in node:
-                walk(v)
-
-    for _, d in all_objects():
-        walk(d)
 
 
 def test_auth_setup_job_grants_every_profiles_experiment_and_model():
