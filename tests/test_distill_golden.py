@@ -37,7 +37,9 @@ OVERRIDES = ["swd.student.lora_rank=4", "swd.fake.lora_rank=4", "swd.student.lor
              "distill.batch_size_per_worker=2", "distill.fake_updates_per_step=2", f"distill.num_steps={NUM_STEPS}",
              "distill.log_every_steps=1", f"distill.sample_every_steps={NUM_STEPS}",
              f"distill.checkpoint_every_steps={NUM_STEPS}", "distill.shuffle_buffer_rows=0", "distill.sample_num_prompts=2",
-             "distill.lr=1e-3", "distill.fake_lr=1e-3", "distill.seed=3"]
+             "distill.lr=1e-3", "distill.fake_lr=1e-3", "distill.seed=3",
+             # the loss weights it was recorded with (the embedded default's have moved since)
+             "swd.loss.guidance_scale=7.0", "swd.loss.mmd_weight=1.0"]
 
 
 class LocalShard:

@@ -245,7 +245,7 @@ def test_the_cache_reruns_for_the_schedule_sides_only_not_for_swd_losses_or_netw
         return {p.name: p.fingerprint for p in graph.plan(cfg, stages.default_stages())}
 
     base = fingerprints()
-    for override in ("swd.loss.guidance_scale=3.0", "swd.loss.mmd_weight=0", "swd.loss.mode=mmd_only",
+    for override in ("swd.loss.guidance_scale=5.0", "swd.loss.mmd_weight=0", "swd.loss.mode=mmd_only",
                      "swd.student.lora_rank=8", "swd.feature_block=2", "swd.scale_index=random"):
         changed = fingerprints(override)
         assert changed["cache"] == base["cache"] and changed["distill"] != base["distill"], override
