@@ -32,7 +32,10 @@ FAST = ["swd.student.lora_rank=4", "swd.fake.lora_rank=4", "swd.student.lora_alp
         "distill.lr=1e-3", "distill.fake_lr=1e-3", "distill.zero_stage=2"]
 # One worker per node: 2 CPUs each; the head has 3 (one left for Ray Data), the worker node 2, so
 # the two 2-CPU bundles cannot share a node.
-TWO_NODES = ["distill.num_workers=2", "distill.num_cpus_per_worker=2", "distill.num_steps=6", "distill.max_failures=2"]
+TWO_NODES = ["distill.num_workers=2", "distill.num_cpus_per_worker=2", "distill.num_steps=6", "distill.max_failures=2",
+             # The full-resolution schedule: one cache dataset (the per-scale streams and their resume are
+             # test_distill's); here every restart re-opens one Ray Data stream, not four, on one free CPU.
+             "swd.preset=null", "swd.scales=[16,16,16,16]", "swd.boundaries=[0,7,14,18]"]
 HEAD_CPUS, WORKER_CPUS = 3, 2
 
 DRIVER = """

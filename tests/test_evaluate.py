@@ -160,7 +160,8 @@ def test_generation_depends_on_prompts_and_seeds_only(inputs, ray_local):
     cfg = evaluate.Config(num_actors=2, num_cpus_per_actor=1)
     teacher = GeneratorSpec(**{**spec.__dict__, "name": "teacher", "student_dir": None,
                                         "teacher_num_steps": 3, "guidance_scale": 2.0, "latent_side": 16})
-    via_ray = generation.collect_images(generation.generate(chunks, [spec, teacher], cfg, gpus=0), ["student", "teacher"])
+    via_ray = generation.collect_images(generation.generate(chunks, [spec, teacher], cfg, gpus=0, num_actors=2),
+                                      ["student", "teacher"])
     for s in (spec, teacher):
         direct = Generator(s)  # its own bundle, not shared
         expected = np.concatenate([direct(c["prompt"], c["seed"]) for c in chunks])
