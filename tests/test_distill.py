@@ -33,7 +33,8 @@ from stages.distill.metrics import PROGRESS_METRIC
 FAST = ["swd.student.lora_rank=4", "swd.fake.lora_rank=4", "swd.student.lora_alpha=4", "swd.fake.lora_alpha=4",
         "distill.batch_size_per_worker=2", "distill.fake_updates_per_step=1", "distill.log_every_steps=1",
         "distill.sample_every_steps=2", "distill.checkpoint_every_steps=2", "distill.shuffle_buffer_rows=0",
-        "distill.lr=1e-3", "distill.fake_lr=1e-3"]
+        "distill.lr=1e-3", "distill.fake_lr=1e-3",
+        "swd.preset=tiny-4step"]  # four scales, four cache streams: the per-scale data path at its widest
 TWO_WORKERS = ["distill.num_workers=2", "distill.num_cpus_per_worker=0.5"]  # one CPU left for Ray Data
 BASELINE = ["swd.preset=null", "swd.scales=[16,16,16,16]", "swd.boundaries=[0,7,14,18]"]
 LOSS_KEYS = ("loss/generator_total", "loss/dmd", "loss/gan_g", "loss/mmd", "loss/fake_total", "loss/fake_diffusion")

@@ -39,7 +39,7 @@ OVERRIDES = ["swd.student.lora_rank=4", "swd.fake.lora_rank=4", "swd.student.lor
              f"distill.checkpoint_every_steps={NUM_STEPS}", "distill.shuffle_buffer_rows=0", "distill.sample_num_prompts=2",
              "distill.lr=1e-3", "distill.fake_lr=1e-3", "distill.seed=3",
              # the loss weights it was recorded with (the embedded default's have moved since)
-             "swd.loss.guidance_scale=7.0", "swd.loss.mmd_weight=1.0"]
+             "swd.loss.guidance_scale=7.0", "swd.loss.mmd_weight=1.0", "swd.preset=tiny-4step"]
 
 
 class LocalShard:
