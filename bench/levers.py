@@ -8,10 +8,10 @@ Why: the evaluate stage scores the eval split (256 prompts in the embedded defau
 interval of student - teacher adherence there is about +-0.06, wider than most levers move it.
 
 Steps:
-1. N prompts of the shapes grammar from their own split ("levers": disjoint from train and eval).
+1. N prompts of the shapes grammar from their own split ("screen": disjoint from train and eval).
 2. The teacher of the first distill output (its manifest's `teacher` input) samples them once with its
-   Euler sampler and CFG (as the evaluate stage's teacher), the batch of prompts j..j+B with seed
-   seed + j / B; the per-prompt oracle results are kept in `<cache dir>/` keyed by teacher, N and sampler.
+   Euler sampler and CFG (as the evaluate stage's teacher), the j-th batch of prompts with seed
+   seed + 1000 + j; the per-prompt oracle results are kept in `<cache dir>/` keyed by teacher, N and sampler.
 3. Every distill output's scale-wise student samples the same prompts with the same seeds.
 4. Per student: oracle adherence (all attributes right) and its parts, the paired bootstrap 95%
    interval of student - teacher and of student - the first student (the same resampled prompts for
@@ -35,7 +35,8 @@ from pipeline import bootstrap, oracle, shapes  # noqa: E402
 from pipeline.generate import Generator, GeneratorSpec  # noqa: E402
 from pipeline.teacher import bundle_location  # noqa: E402
 
-SPLIT = "levers"
+SPLIT = "screen"  # the prompts' own split of the shapes grammar, disjoint from "train" and "eval"
+NOISE_SEED_OFFSET = 1000  # batch j samples with seed + 1000 + j: a stream apart from the prompts'
 PARTS = ("shape", "colour", "position", "size", "background")
 
 
@@ -51,7 +52,7 @@ def oracle_hits(generator, targets: list[shapes.Attributes], batch_size: int, se
     prompts = [t.prompt() for t in targets]
     rows = []
     for start in range(0, len(prompts), batch_size):
-        images = generator(prompts[start:start + batch_size], seed + start // batch_size)
+        images = generator(prompts[start:start + batch_size], seed + NOISE_SEED_OFFSET + start // batch_size)
         for image, want in zip(images, targets[start:start + batch_size], strict=True):
             got = oracle.recover(image)
             rows.append([getattr(got, k) == getattr(want, k) for k in PARTS])
