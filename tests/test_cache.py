@@ -86,7 +86,8 @@ def bad_shards(root: Path) -> dict[str, dict]:
 # ----------------------------------------------------------------------------- the stage
 
 SCALING, SHIFT = 0.8, 0.05  # not 1 / 0, so the test sees them applied
-FAST = ["cache.batch_size=8", "cache.decode_batch_size=8"]
+# tiny-4step: four distinct latent sides (SwdConfig's default), so every scale's column is checked
+FAST = ["cache.batch_size=8", "cache.decode_batch_size=8", "swd.preset=tiny-4step"]
 
 
 @pytest.fixture(scope="module")

@@ -33,8 +33,7 @@ from stages.distill.metrics import PROGRESS_METRIC
 FAST = ["swd.student.lora_rank=4", "swd.fake.lora_rank=4", "swd.student.lora_alpha=4", "swd.fake.lora_alpha=4",
         "distill.batch_size_per_worker=2", "distill.fake_updates_per_step=1", "distill.log_every_steps=1",
         "distill.sample_every_steps=2", "distill.checkpoint_every_steps=2", "distill.shuffle_buffer_rows=0",
-        "distill.lr=1e-3", "distill.fake_lr=1e-3",
-        "swd.preset=tiny-4step"]  # four scales, four cache streams: the per-scale data path at its widest
+        "distill.lr=1e-3", "distill.fake_lr=1e-3"]
 TWO_WORKERS = ["distill.num_workers=2", "distill.num_cpus_per_worker=0.5"]  # one CPU left for Ray Data
 BASELINE = ["swd.preset=null", "swd.scales=[16,16,16,16]", "swd.boundaries=[0,7,14,18]"]
 LOSS_KEYS = ("loss/generator_total", "loss/dmd", "loss/gan_g", "loss/mmd", "loss/fake_total", "loss/fake_diffusion")
@@ -57,7 +56,9 @@ def inputs(tmp_path_factory, tiny_bundle) -> dict[str, Path]:
 def distill_context(root: Path, inputs: dict[str, Path], overrides: list[str], fingerprint: str = "f") -> StageContext:
     """A context of the distill stage under `root`; contexts with one root and fingerprint share the
     scratch dir (the Ray Train checkpoints), as re-runs of one stage fingerprint do."""
-    cfg = load_config(overrides=overrides)
+    # the synthetic cache's scales (tiny-4step, 8-10-12-16: four cache streams, the per-scale data path at its
+    # widest); later overrides may change the schedule
+    cfg = load_config(overrides=["swd.preset=tiny-4step", *overrides])
     ctx = stage_context("distill", {"distill": cfg.distill, "swd": cfg.swd, "teacher": cfg.teacher}, root, inputs)
     ctx.fingerprint = fingerprint
     return ctx
@@ -134,7 +135,7 @@ def test_fit_gives_the_trainer_one_dataset_per_scale_reading_only_its_columns(tm
             return "fitted"
 
     monkeypatch.setattr(ray.train.torch, "TorchTrainer", Trainer)
-    cfg = load_config(overrides=FAST)
+    cfg = load_config(overrides=["swd.preset=tiny-4step", *FAST])
     manifest = json.loads((inputs["cache"] / "cache.json").read_text())
     spec = types.SimpleNamespace(columns=checks.cache_columns(cfg.swd.schedule.scales, manifest["scales"]))
     assert distill.fit(spec, inputs["cache"], str(tmp_path), "n", cfg.distill) == "fitted"
