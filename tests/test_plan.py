@@ -102,8 +102,10 @@ PAPER = [(("cluster/profiles/sd35-medium-4step.yaml",), 26, 23.3),
 @pytest.mark.parametrize("args, paper_gb, plan_gib", PAPER, ids=["M-fake", "M-teacher", "L-teacher-no-exit"])
 def test_against_the_issues_paper_estimates(args, paper_gb, plan_gib):
     peak = _peak(plan_mod.plan(load_config([REPO / args[0]], list(args[1:])), "h100"))
-    assert peak == pytest.approx(plan_gib, rel=0.05), f"plan {peak:.1f} GiB, recorded {plan_gib} GiB"
-    assert 1 / 1.5 < peak / paper_gb < 1.5, f"plan {peak:.1f} GiB vs the paper's {paper_gb} GB"
+    # the recorded figures sit within 1.5x of the paper's (23.3/26, 52.4/63, 66.2/83), so pinning them within 5%
+    # keeps the plan there too
+    assert peak == pytest.approx(plan_gib, rel=0.05), (f"plan {peak:.1f} GiB, recorded {plan_gib} GiB "
+                                                       f"(the paper's estimate: {paper_gb} GB)")
 
 
 def test_cache_bytes_per_row_match_the_layout():
