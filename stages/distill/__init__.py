@@ -61,7 +61,7 @@ from pipeline.context import StageContext
 from pipeline.student_export import SCHEDULE_FILE, STUDENT_DIR, adapter_digest
 from stages.distill import faults
 
-VERSION = "3"  # 3: one dataset per scale index (a step reads its scale only), the cache's "" embedding
+VERSION = "4"  # 4: the cache streams in file order (one config, one worker: one student); 3: one dataset per scale index (a step reads its scale only), the cache's "" embedding
 SECTIONS = ("distill", "swd", "teacher")
 SUMMARY_FILE = "distill.json"
 OUTPUTS = (STUDENT_DIR, SCHEDULE_FILE, SUMMARY_FILE)
@@ -221,7 +221,7 @@ def fit(spec, cache_dir: str | Path, storage_path: str, name: str, cfg: Config):
     same storage path and name continues from the newest checkpoint there (Ray Train V2 restores it for
     `get_checkpoint`)."""
     import ray.train
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from pipeline.latent_cache import read_cache
@@ -245,11 +245,24 @@ def fit(spec, cache_dir: str | Path, storage_path: str, name: str, cfg: Config):
             worker_runtime_env=worker_runtime_env(),
         ),
         datasets=datasets,
+        dataset_config=DataConfig(execution_options=ingest_options()),
     )
     try:
         return trainer.fit()
     except ray.train.TrainingFailedError as e:
         raise RuntimeError(_training_failure(e, max_failures=cfg.max_failures)) from e
+
+
+def ingest_options():
+    """Ray Train's ingest options with `preserve_order`: Ray Data otherwise hands out blocks in the
+    order its read tasks finish, so two runs of one config (seeded shuffle and noise) train on
+    different batch sequences and give different students. With one worker the stream is then the
+    cache's file order; across workers `streaming_split` still assigns blocks dynamically."""
+    from ray.train import DataConfig
+
+    options = DataConfig.default_ingest_options()
+    options.preserve_order = True
+    return options
 
 
 def _training_failure(error, max_failures: int) -> str:
