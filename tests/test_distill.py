@@ -128,8 +128,10 @@ def test_fit_gives_the_trainer_one_dataset_per_scale_reading_only_its_columns(tm
     seen = {}
 
     class Trainer:  # stands in for TorchTrainer: what fit hands it
-        def __init__(self, *args, datasets, **kwargs):
+        def __init__(self, *args, datasets, dataset_config, **kwargs):
             seen.update(datasets)
+            # What Ray Train applies to each dataset's shards (DataConfig.configure).
+            seen["options"] = [dataset_config._resolve_execution_options(n) for n in datasets]
 
         def fit(self):
             return "fitted"
@@ -139,6 +141,8 @@ def test_fit_gives_the_trainer_one_dataset_per_scale_reading_only_its_columns(tm
     manifest = json.loads((inputs["cache"] / "cache.json").read_text())
     spec = types.SimpleNamespace(columns=checks.cache_columns(cfg.swd.schedule.scales, manifest["scales"]))
     assert distill.fit(spec, inputs["cache"], str(tmp_path), "n", cfg.distill) == "fitted"
+    # Blocks in file order, so one config trains one student (two 40-step runs: equal LoRA tensors).
+    assert [o.preserve_order for o in seen.pop("options")] == [True] * 4
     assert sorted(seen) == ["scale_0", "scale_1", "scale_2", "scale_3"]
     for i, name in enumerate(checks.scale_datasets(spec.columns)):
         assert seen[name].schema().names == checks.dataset_columns(spec.columns[i]), name
@@ -258,8 +262,9 @@ def test_two_workers_finish_with_finite_losses(tmp_path, ray_local, inputs, zero
 
 def test_zero3_early_exit_trains_the_same_student_as_full_forwards(tmp_path, ray_local, inputs):
     """ZeRO-3 with gradient checkpointing and the fake network's MMD features: ending feature-only forwards
-    after the feature block (swd.stop_at_feature_block) saves work and changes no weight. One worker, so
-    both runs read the cache in the same order; ZeRO-3 still partitions and gathers every parameter."""
+    after the feature block (swd.stop_at_feature_block) saves work and changes no weight. One worker and
+    an ordered stream (`distill.ingest_options`), so both runs read the same batches; ZeRO-3 still
+    partitions and gathers every parameter."""
     exports = []
     for stop in (False, True):
         ctx = distill_context(tmp_path / f"stop-{stop}", inputs, [
