@@ -28,7 +28,7 @@ def test_shipped_yaml_validates_and_lists_every_key():
     assert not missing, f"pipeline.yaml does not document: {sorted(missing)}"
 
 
-@pytest.mark.parametrize("path", sorted(p for p in REPO_ROOT.glob("cluster/profiles/*.yaml")))
+@pytest.mark.parametrize("path", sorted([*REPO_ROOT.glob("cluster/profiles/*.yaml"), *REPO_ROOT.glob("configs/*.yaml")]))
 def test_every_shipped_profile_validates(path):
     load_config([path])
 

@@ -209,6 +209,10 @@ def test_config_defaults_follow_swd_md_and_bf16_needs_a_gpu():
     assert ds["optimizer"] == {"type": "AdamW", "params": {"lr": 5e-6, "betas": [0.9, 0.999], "eps": 1e-8,
                                                            "weight_decay": 0.01, "torch_adam": True}}
     assert ds["gradient_clipping"] == 10.0 and ds["zero_optimization"]["stage"] == 2
+    assert "scheduler" not in ds and cfg.lr_schedule == "constant"  # the released recipe: constant lr
+    assert worker.ds_config(cfg, cfg.lr, 2, False, decay_steps=300)["scheduler"] == {"type": "WarmupDecayLR", "params": {
+        "total_num_steps": 300, "warmup_min_lr": 0.0, "warmup_max_lr": 5e-6, "warmup_num_steps": 10,
+        "warmup_type": "linear"}}
     # buckets follow the engine's trainable parameters (DeepSpeed's 5e8 default is the ceiling)
     assert worker.ds_config(cfg, cfg.lr, 2, False, trainable_params=40_000_000)["zero_optimization"] == {
         "stage": 2, "reduce_bucket_size": 40_000_000, "allgather_bucket_size": 40_000_000}
@@ -286,7 +290,9 @@ def test_changing_an_operational_key_resumes_the_interrupted_run(tmp_path, ray_l
     that died at step 3 and is started again with other values resumes from its step-2 checkpoint."""
     from pipeline import graph
 
-    base = [*FAST, "distill.num_steps=4", "distill.checkpoint_every_steps=2"]
+    # With the student's lr schedule on: a resumed run continues it (DeepSpeed checkpoints its scheduler).
+    base = [*FAST, "distill.num_steps=4", "distill.checkpoint_every_steps=2", "distill.lr_schedule=linear_decay",
+            "distill.lr_warmup_steps=3"]
     first = base + ["distill.max_failures=0"]
     second = base + ["distill.max_failures=2", "distill.log_every_steps=2", "distill.sample_every_steps=4",
                      "distill.sample_num_prompts=2", "distill.num_checkpoints_to_keep=3"]
@@ -302,6 +308,10 @@ def test_changing_an_operational_key_resumes_the_interrupted_run(tmp_path, ray_l
     summary = json.loads((ctx.output_dir / distill.SUMMARY_FILE).read_text())
     assert summary["steps"] == 4 and summary["attempts"] == 2  # the second attempt, from the checkpoint
     assert [int(m.step) for m in history(ctx, "progress")] == [4]  # log_every=2 after resuming at step 2
+    # WarmupDecayLR after 4 scheduler steps: warm-up over 3 is done, lr 1e-3 (a schedule restarted at the
+    # step-2 checkpoint would be 2 steps in: 1e-3 / 3); the fake network's lr is constant.
+    assert [m.value for m in history(ctx, "lr/student")] == pytest.approx([1e-3])
+    assert [m.value for m in history(ctx, "lr/fake")] == pytest.approx([1e-3])
 
 
 def test_a_worker_failure_names_its_cause_in_the_stage_error(tmp_path, ray_local, inputs):

@@ -92,9 +92,16 @@ class Config(Section):
     # gradients all-reduced in fp32; runs on CPU too. fp32: everything fp32. auto: bf16 on GPU, fp32 on CPU.
     precision: Literal["auto", "bf16", "bf16-mixed", "fp32"] = "auto"
     gradient_checkpointing: bool = False
-    # AdamW of both engines (SWD.md section 4, released hyperparameters), constant lr.
+    # AdamW of both engines (SWD.md section 4, released hyperparameters).
     lr: float = Field(5e-6, gt=0)
     fake_lr: float = Field(5e-6, gt=0)
+    # The student's lr over the run: constant (as released), or linear_decay: DeepSpeed's WarmupDecayLR,
+    # linear warm-up over lr_warmup_steps generator steps, then linear decay to 0 at num_steps, so the
+    # exported weights carry less of the last batches' noise (DeepSpeed's linear warm-up gives the
+    # first two updates lr 0). The fake network's lr stays constant: it has to keep tracking the
+    # student's distribution to the end.
+    lr_schedule: Literal["constant", "linear_decay"] = "constant"
+    lr_warmup_steps: int = Field(10, ge=1)
     betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = Field(0.01, ge=0)
     grad_clip: float = Field(10.0, gt=0)

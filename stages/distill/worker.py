@@ -41,12 +41,17 @@ def train_loop(config: dict) -> dict:
     return Trainer(LoopSpec(**config)).train()
 
 
-def ds_config(cfg: Config, lr: float, world_size: int, bf16: bool, trainable_params: int = DEFAULT_BUCKET_ELEMENTS
-              ) -> dict:
+def ds_config(cfg: Config, lr: float, world_size: int, bf16: bool, trainable_params: int = DEFAULT_BUCKET_ELEMENTS,
+              decay_steps: int | None = None) -> dict:
     """One engine's DeepSpeed config: AdamW (torch's; no op build), clipping, ZeRO stage, precision,
-    buckets sized to the engine's trainable parameters."""
+    buckets sized to the engine's trainable parameters; with `decay_steps`, WarmupDecayLR from lr to 0
+    over that many optimizer steps (after cfg.lr_warmup_steps of linear warm-up)."""
     bucket = bucket_elements(trainable_params)
+    schedule = {"scheduler": {"type": "WarmupDecayLR", "params": {
+        "total_num_steps": decay_steps, "warmup_min_lr": 0.0, "warmup_max_lr": lr,
+        "warmup_num_steps": cfg.lr_warmup_steps, "warmup_type": "linear"}}} if decay_steps else {}
     return {
+        **schedule,
         "train_micro_batch_size_per_gpu": cfg.batch_size_per_worker,
         "train_batch_size": cfg.batch_size_per_worker * world_size,
         "gradient_accumulation_steps": 1,
@@ -199,7 +204,8 @@ class Trainer:
         self.student, *_ = deepspeed.initialize(
             model=nets.student, model_parameters=nets.student_parameters(),
             config=ds_config(self.cfg, self.cfg.lr, self.world, self.bf16,
-                             sum(p.numel() for p in nets.student_parameters())))
+                             sum(p.numel() for p in nets.student_parameters()),
+                             decay_steps=self.cfg.num_steps if self.cfg.lr_schedule == "linear_decay" else None))
         self.fake = None
         if nets.fake is not None:
             self.fake, *_ = deepspeed.initialize(
