@@ -147,3 +147,14 @@ def test_a_renamed_key_names_its_new_key_in_files_and_overrides(tmp_path):
                              ("teacher.sample_num_steps", "teacher.sampler.num_steps")]:
         assert f"{old_key}: renamed to {new_key}" in text
     assert "old.yaml" in text
+
+
+def test_the_quality_config_is_the_default_trained_longer_on_more_eval_prompts():
+    """configs/quality.yaml decides the default's quality goals; it must not drift into another recipe."""
+    from pipeline.config import flatten
+
+    default = flatten(load_config())
+    quality = flatten(load_config([REPO_ROOT / "configs" / "quality.yaml"]))
+    changed = {k: quality[k] for k in default if quality[k] != default[k]}
+    assert changed == {"data.generator.num_eval_samples": 2048, "distill.num_steps": 600,
+                       "evaluate.bootstrap_resamples": 200}
