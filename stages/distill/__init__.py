@@ -136,6 +136,10 @@ class Config(Section):
         if self.init_student is not None and not self.init_student.strip():
             raise ValueError("distill.init_student: '' is not a directory; give a student exported by this pipeline "
                              "(a distill output or a registered model downloaded from MLflow) or null")
+        if self.lr_schedule == "linear_decay" and self.lr_warmup_steps >= self.num_steps:
+            # DeepSpeed only warns, and the lr would never decay
+            raise ValueError(f"distill.lr_warmup_steps: {self.lr_warmup_steps} leaves no decay in "
+                             f"distill.num_steps={self.num_steps}; give fewer warm-up steps than num_steps")
         return self
 
 
